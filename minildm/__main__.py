@@ -1,0 +1,5 @@
+import sys
+
+from minildm.cli import main
+
+sys.exit(main())

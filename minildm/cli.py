@@ -1,0 +1,177 @@
+"""``minildm`` — the command line: the stable interface for learners, CI and benchmarks.
+
+::
+
+    minildm train STAGE --profile P --out RUN_DIR [--data SPEC] [--resume] [--steps N] [--device D]
+    minildm sample --model RUN_OR_CKPT --prompt TEXT [--steps N] [--guidance S] [--seed N] --out FILE.png
+    minildm eval STAGE --model RUN_OR_CKPT [--n N] --json
+    minildm bench [--json]
+    minildm course --profile P --out DIR
+
+A mistake of the user's (unknown stage, missing checkpoint, bad --data, unwritable --out, …)
+prints one line ``minildm: error: …`` and exits with status 2 — never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from minildm.config import PROFILE_NAMES
+from minildm.errors import UserError
+from minildm.stages import EVAL_STAGES, TRAIN_STAGES
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (plus the exit status 2)."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see: {self.prog} --help)")
+
+
+def writable_dir(path: str, what: str = "--out") -> Path:
+    """Create ``path`` if needed and check that files can be written in it."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".minildm-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise UserError(f"{what} {path}: cannot write there ({error.strerror or error})") from None
+    return out
+
+
+def _command_line() -> str:
+    return "minildm " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def cmd_train(args) -> int:
+    from minildm.config import get_profile
+    from minildm.stages import stage_module
+
+    stage = stage_module(args.stage)
+    profile = get_profile(args.profile)
+    writable_dir(args.out)
+    if args.steps is not None and args.steps < 1:
+        raise UserError(f"--steps {args.steps}: give a positive number of steps")
+    card = stage.train(profile, args.out, resume=args.resume, steps=args.steps, device=args.device,
+                       data=args.data, command=_command_line(), progress=not args.quiet)
+    if card is not None:
+        print(f"trained {args.stage} for {card['steps']} steps in {card['wall_time_s']:.0f} s; "
+              f"weights and card in {args.out}")
+        headline = {k: v for k, v in card.get("metrics", {}).items() if isinstance(v, (int, float))}
+        print(json.dumps(headline, indent=2))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from minildm.config import get_profile
+    from minildm.stages import stage_module
+
+    stage = stage_module(args.stage, EVAL_STAGES)
+    model, card = stage.load(args.model)
+    n = args.n if args.n is not None else get_profile(card.get("profile", "cpu")).eval_n
+    metrics = stage.evaluate(model, n)
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        for key, value in metrics.items():
+            print(f"{key:32s} {value}")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    raise UserError("sampling needs a diffusion model (stage ldm), which is not built yet in this "
+                    "version of minildm; built stages: judge")
+
+
+def cmd_bench(args) -> int:
+    from minildm.bench import run_bench
+
+    figures = run_bench(args.profile)
+    if args.json:
+        print(json.dumps(figures))
+    else:
+        for key, value in figures.items():
+            print(f"{key:40s} {value}")
+    return 0
+
+
+def cmd_course(args) -> int:
+    from minildm.config import get_profile
+    from minildm.course import run_course
+
+    profile = get_profile(args.profile)
+    out = writable_dir(args.out)
+    report = run_course(profile, out, progress=not args.quiet)
+    print(f"course report: {report}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="minildm", description="minildm: latent diffusion, eDiff-I and ADD, built from scratch.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+
+    train = sub.add_parser("train", help="train one stage")
+    train.add_argument("stage", help=f"one of: {' '.join(TRAIN_STAGES)}")
+    train.add_argument("--profile", choices=PROFILE_NAMES, default=None,
+                       help="smoke | cpu | gpu (default: $MINILDM_PROFILE, else gpu with CUDA, else cpu)")
+    train.add_argument("--out", required=True, help="run directory (weights, card, checkpoints)")
+    train.add_argument("--data", default=None, help="shapes (default), an image folder with metadata.jsonl, or hub:OWNER/NAME")
+    train.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
+    train.add_argument("--steps", type=int, default=None, help="total optimisation steps (default: the profile's)")
+    train.add_argument("--device", default=None, help="cpu, cuda, cuda:1, … (default: the best available)")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(run=cmd_train)
+
+    evaluate = sub.add_parser("eval", help="measure a trained stage; prints its metrics")
+    evaluate.add_argument("stage", help=f"one of: {' '.join(EVAL_STAGES)}")
+    evaluate.add_argument("--model", default=None, help="run directory or checkpoint (default: the reference)")
+    evaluate.add_argument("--n", type=int, default=None, help="number of evaluation images (default: the profile's)")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.set_defaults(run=cmd_eval)
+
+    sample = sub.add_parser("sample", help="generate an image from a prompt")
+    sample.add_argument("--model", required=True)
+    sample.add_argument("--prompt", required=True)
+    sample.add_argument("--steps", type=int, default=50)
+    sample.add_argument("--guidance", type=float, default=3.0)
+    sample.add_argument("--paint", action="append", default=[], help="WORD=x0,y0,x1,y1 (repeatable)")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--out", required=True)
+    sample.set_defaults(run=cmd_sample)
+
+    bench = sub.add_parser("bench", help="speed figures, as ratios measured in one run")
+    bench.add_argument("--profile", choices=PROFILE_NAMES, default="cpu", help="whose model sizes to time (default: cpu)")
+    bench.add_argument("--json", action="store_true")
+    bench.set_defaults(run=cmd_bench)
+
+    course = sub.add_parser("course", help="every built stage in order, then a report")
+    course.add_argument("--profile", choices=PROFILE_NAMES, default=None)
+    course.add_argument("--out", required=True, help="directory for the runs and the report")
+    course.add_argument("--quiet", action="store_true")
+    course.set_defaults(run=cmd_course)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        args = build_parser().parse_args(argv)
+        return args.run(args)
+    except UserError as error:
+        print(f"minildm: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("minildm: interrupted; a run directory keeps its last complete checkpoint "
+              "(continue with --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

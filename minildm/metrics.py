@@ -1,0 +1,79 @@
+"""The course's yardstick: the same measures for every stage.
+
+* :func:`psnr` — reconstruction fidelity in dB.
+* :func:`frechet_distance` — the Fréchet distance between Gaussians fitted to two feature sets
+  (Heusel et al. 2017, the "F" of FID): ‖μ₁ − μ₂‖² + Tr(Σ₁ + Σ₂ − 2(Σ₁Σ₂)^½). On judge features
+  it is minildm's ``fid``.
+* :func:`clauses_hold` — GenEval's rule (Ghosh et al. 2023): an image follows a prompt only if
+  every clause holds. An object clause needs at least ``count`` matching objects (exactly
+  ``count`` when the prompt says a number); a relation must hold between every pair.
+* :func:`alignment_report` — the fraction of images that follow their prompts, per category and
+  overall, where overall is the unweighted mean of the categories, as GenEval reports it.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from minildm.data.captions import Clauses, ObjectClause, relation_between
+
+
+def psnr(images: torch.Tensor, references: torch.Tensor) -> float:
+    """Mean peak signal-to-noise ratio (dB) of images in [-1, 1] (peak-to-peak range 2)."""
+    mse = ((images.float() - references.float()) ** 2).flatten(1).mean(1).clamp_min(1e-10)
+    return float((10 * torch.log10(4.0 / mse)).mean())
+
+
+def _sqrtm_psd(matrix: np.ndarray) -> np.ndarray:
+    """Square root of a symmetric positive semi-definite matrix by eigen-decomposition."""
+    values, vectors = np.linalg.eigh((matrix + matrix.T) / 2)
+    return (vectors * np.sqrt(values.clip(min=0))) @ vectors.T
+
+
+def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
+    """Fréchet distance between Gaussians fitted to (N, D) and (M, D) feature sets.
+
+    Tr((Σ₁Σ₂)^½) is computed as Tr((Σ₁^½ Σ₂ Σ₁^½)^½), which is symmetric PSD and so stable.
+    """
+    a, b = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root_a = _sqrtm_psd(cov_a)
+    cross = np.trace(_sqrtm_psd(root_a @ cov_b @ root_a))
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * cross)
+
+
+def _matches(clause: ObjectClause, objects: Sequence) -> list:
+    return [o for o in objects
+            if o.shape == clause.shape
+            and (clause.colour is None or o.colour == clause.colour)
+            and (clause.size is None or o.size == clause.size)
+            and (clause.cell is None or o.cell == clause.cell)]
+
+
+def clauses_hold(clauses: Clauses, objects: Sequence) -> bool:
+    """Whether the objects (anything with shape, colour, size, cell) satisfy every clause."""
+    found = []
+    for clause in clauses.objects:
+        matching = _matches(clause, objects)
+        if len(matching) < clause.count or (clause.exact and len(matching) != clause.count):
+            return False
+        found.append(matching)
+    if clauses.relation is not None:
+        return all(relation_between(a.cell, b.cell) == clauses.relation
+                   for a in found[0] for b in found[1])
+    return True
+
+
+def alignment_report(correct: Iterable[bool], categories: Iterable[str]) -> dict:
+    """``alignment`` (mean over categories) and ``alignment_by_category``."""
+    by_category = defaultdict(list)
+    for ok, category in zip(correct, categories):
+        by_category[category].append(float(ok))
+    per = {c: float(np.mean(v)) for c, v in sorted(by_category.items())}
+    return {"alignment": float(np.mean(list(per.values()))) if per else float("nan"),
+            "alignment_by_category": per}

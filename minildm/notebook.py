@@ -1,0 +1,53 @@
+"""What every notebook's first cell does, kept in the package so the notebooks stay lessons.
+
+:func:`setup` fixes seeds and threads and picks the profile; :func:`train_or_load` is the one
+switch of each notebook: train the stage yourself now, or load the reference checkpoint. Under
+the ``smoke`` profile (CI) it trains a few steps to prove the loop runs, then loads the reference.
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from minildm.config import Profile, get_profile
+
+
+def setup(seed: int = 0) -> Profile:
+    """Seed every generator, keep torch to the machine's cores, and return the profile."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    profile = get_profile()
+    device = "cuda" if torch.cuda.is_available() else f"cpu, {torch.get_num_threads()} threads"
+    print(f"minildm profile: {profile.name} ({profile.shapes.image_size} px), device: {device}")
+    return profile
+
+
+def train_or_load(stage_name: str, profile: Profile, train_now: bool, run_dir: str | Path | None = None):
+    """(model, card of what was trained or loaded, reference card).
+
+    ``train_now``: train with the profile into ``run_dir`` (default ``runs/<stage>``), resuming
+    if a checkpoint is there, and return that model. Otherwise return the reference checkpoint.
+    The ``smoke`` profile always trains its few steps, into a temporary folder, and then returns
+    the reference, so that the rest of the notebook has a model worth inspecting.
+    """
+    from minildm.stages import stage_module
+
+    stage = stage_module(stage_name)
+    reference_model, reference_card = stage.load(None)
+    if not (train_now or profile.name == "smoke"):
+        return reference_model, reference_card, reference_card
+    if profile.name == "smoke":
+        run_dir = Path(tempfile.mkdtemp(prefix=f"minildm-{stage_name}-"))
+    run_dir = Path(run_dir or Path("runs") / stage_name)
+    card = stage.train(profile, str(run_dir), resume=(run_dir / "checkpoint").exists(),
+                       command=f"notebook: train_or_load({stage_name!r})")
+    if profile.name == "smoke":
+        return reference_model, card, reference_card
+    model, _ = stage.load(run_dir)
+    return model, card, reference_card

@@ -1,0 +1,363 @@
+"""The one training loop that every stage (judge, autoencoder, CLIP, LDM, ...) goes through.
+
+A stage describes itself as a :class:`TrainingTask` (its network, its batches, its loss) and calls
+:func:`train`. The loop is ordinary PyTorch, with four additions that every stage wants:
+
+* **Hugging Face Accelerate** places the model, wraps it for data-parallel training and applies
+  mixed precision, so ``torchrun --nproc_per_node N`` or ``accelerate launch`` spreads the same
+  code over several GPUs (or CPU processes with gloo) unchanged. Rank ``r`` of ``N`` trains on
+  ``task.batch(step, r, N)``; the gradients are averaged across ranks before each update.
+* **EMA weights** (``torch.optim.swa_utils.AveragedModel``): an exponential moving average of the
+  weights, smoother than the last step's; they are what ``model.safetensors`` holds and what
+  sampling and evaluation use.
+* **Exact resume**: the data and the randomness of step ``s`` are pure functions of
+  ``(seed, s, rank)``, so a checkpoint needs only weights, EMA weights, optimizer and scheduler
+  state; nothing about data loaders or random generators. ``--resume`` then continues the very
+  run that an uninterrupted one would have made, bit for bit on the same machine.
+* **A card** (``card.json``): config, command, seed, wall time, device, peak memory and the loss
+  curve, so that a learner can lay their own run over the reference one.
+
+A run folder, when finished::
+
+    RUN/model.safetensors        EMA weights (the model to sample and evaluate with)
+    RUN/card.json                how they were made
+    RUN/checkpoint/              the latest periodic checkpoint (itself a loadable checkpoint)
+        model.safetensors        EMA weights at that step
+        card.json                the card as of that step
+        raw.safetensors          the trained (non-averaged) weights
+        optimizer.safetensors    AdamW moments and step counts
+        state.json               step, loss history, scheduler, EMA count, optimizer groups
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shlex
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import send_to_device
+from torch.optim.swa_utils import AveragedModel
+from tqdm.auto import tqdm
+
+from minildm.checkpoints import (CARD, WEIGHTS, atomic_write_dir, atomic_write_file, existing_dir,
+                                 load_json, load_state_into, load_tensors, load_trained,
+                                 optimizer_state_from_tensors, optimizer_state_to_tensors,
+                                 save_json, save_tensors)
+from minildm.config import TrainConfig
+from minildm.errors import UserError
+
+__all__ = ["TrainingTask", "train", "is_main_process", "load_trained", "lr_multiplier", "ema_with_warmup", "loss_curve"]
+
+MIXED_PRECISIONS = ("no", "bf16", "fp16")
+CHECKPOINT_DIR = "checkpoint"
+LOSS_CURVE_POINTS = 300
+
+
+class TrainingTask(Protocol):
+    """What a stage hands to :func:`train`."""
+
+    stage: str  # "judge", "ae", "clip", "ldm", ...
+    model: torch.nn.Module  # the network being trained; the EMA tracks it
+
+    def batch(self, step: int, rank: int, world_size: int):
+        """The batch of ``rank`` at ``step``: a pure function of (task seed, step, rank).
+
+        Any nesting of tensors; :func:`train` moves it to the device. Because the data depends on
+        nothing but the step, resuming needs no data-loader state.
+        """
+
+    def loss(self, model: torch.nn.Module, batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """``(scalar loss, {name: float})`` for ``batch``. Call ``model(...)`` (its forward) so
+        that data-parallel training synchronises the gradients; it runs under autocast."""
+
+    def card_config(self) -> dict:
+        """A JSON-able config of the model and stage, stored in the card and checked on resume."""
+
+
+def lr_multiplier(step: int, cfg: TrainConfig) -> float:
+    """Learning-rate factor at ``step``: linear warm-up, then cosine decay from 1 to 0.1."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The global torch seed of one rank's step: distinct for every (seed, step, rank < 1009)."""
+    return (seed * 1_000_003 + step) * 1009 + rank
+
+
+def ema_with_warmup(decay: float):
+    """An ``AveragedModel`` update: ``ema ← d·ema + (1 − d)·weights`` with a warm-up decay
+    ``d = min(decay, (1 + n) / (10 + n))``, where ``n`` counts the updates so far.
+
+    The warm-up makes the average forget the random initial weights quickly, which matters in
+    short runs (the same rule as timm's and diffusers' EMA).
+    """
+
+    def update(ema_params: list[torch.Tensor], params: list[torch.Tensor], num_averaged) -> None:
+        n = int(num_averaged)
+        d = min(decay, (1 + n) / (10 + n))
+        for ema_param, param in zip(ema_params, params):
+            ema_param.lerp_(param, 1.0 - d)
+
+    return update
+
+
+def loss_curve(losses: list[float], max_points: int = LOSS_CURVE_POINTS) -> list[list]:
+    """``[[step, mean loss], ...]``: the per-step losses averaged over at most ``max_points`` equal
+    bins; ``step`` is the 1-based number of the last step in the bin."""
+    n, bins = len(losses), min(len(losses), max_points)
+    points = []
+    for i in range(bins):
+        lo, hi = i * n // bins, (i + 1) * n // bins
+        points.append([hi, float(f"{sum(losses[lo:hi]) / (hi - lo):.6g}")])
+    return points
+
+
+def train(task: TrainingTask, cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False,
+          device: str | None = None, command: str | None = None, progress: bool = True,
+          extra_card: dict | None = None) -> dict:
+    """Train ``task.model`` for ``cfg.steps`` steps in total and write the run to ``out_dir``.
+
+    ``resume=True`` continues from ``out_dir/checkpoint`` up to ``cfg.steps`` (a larger value than
+    the first time extends the run). ``device`` is ``"cpu"``, ``"cuda"`` or ``None`` (a GPU when
+    there is one). ``command`` is recorded in the card (default: this process's command line).
+    Every rank returns the card; only the main process writes files. On return ``task.model``
+    holds the raw trained weights; :func:`load_trained` loads the EMA weights that were saved.
+    """
+    accelerator = _make_accelerator(cfg, device)
+    rank, world_size = accelerator.process_index, accelerator.num_processes
+    out_dir = Path(out_dir)
+    _check_out_dir(out_dir, resume)
+    accelerator.wait_for_everyone()
+
+    model = task.model.to(accelerator.device)
+    ema = AveragedModel(model, multi_avg_fn=ema_with_warmup(cfg.ema_decay))  # before prepare()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                  lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_multiplier, cfg=cfg))
+    history: dict[str, list[float]] = {"loss": []}
+    start, wall_before = 0, 0.0
+    if resume:
+        state = _load_training_state(out_dir / CHECKPOINT_DIR, task, cfg, accelerator,
+                                     model, ema, optimizer, scheduler)
+        start, history, wall_before = state["step"], state["history"], state["wall_time_s"]
+
+    # prepare(): DDP wrapper when world_size > 1, autocast around forward, grad scaler for fp16.
+    # The scheduler stays unprepared: Accelerate would step it once per process.
+    ddp_model, ddp_optimizer = accelerator.prepare(model, optimizer)
+    ddp_model.train()
+    card_of = partial(_card, task, cfg, accelerator, command=command, extra_card=extra_card)
+    bar = tqdm(total=cfg.steps, initial=start, desc=f"train {task.stage}", dynamic_ncols=True,
+               disable=not _show_progress(progress, accelerator.is_main_process))
+    session_start = time.perf_counter()
+
+    def wall() -> float:  # seconds trained in this session and the ones it resumes
+        return wall_before + time.perf_counter() - session_start
+
+    try:
+        for step in range(start, cfg.steps):
+            torch.manual_seed(step_seed(cfg.seed, step, rank))  # dropout, noise, timesteps...
+            batch = send_to_device(task.batch(step, rank, world_size), accelerator.device)
+            with accelerator.autocast():
+                loss, stats = task.loss(ddp_model, batch)
+            accelerator.backward(loss)
+            if cfg.grad_clip:
+                accelerator.clip_grad_norm_(ddp_model.parameters(), cfg.grad_clip)
+            ddp_optimizer.step()
+            if not accelerator.optimizer_step_was_skipped:  # fp16 skips steps with inf gradients
+                scheduler.step()
+            ddp_optimizer.zero_grad(set_to_none=True)
+            ema.update_parameters(model)
+
+            _record(history, accelerator, loss, stats)
+            recent = history["loss"][-20:]
+            bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", refresh=False)
+            bar.update(1)
+            done = step + 1
+            every = cfg.checkpoint_every
+            if accelerator.is_main_process and (done == cfg.steps or every > 0 and done % every == 0):
+                seconds = wall()
+                _save_training_state(out_dir / CHECKPOINT_DIR, card_of(done, history, seconds),
+                                     history, seconds, model, ema, optimizer, scheduler, accelerator)
+    finally:
+        bar.close()
+        accelerator.unwrap_model(ddp_model, keep_fp32_wrapper=False)  # undo the autocast patch
+
+    trained = cfg.steps - start
+    elapsed = time.perf_counter() - session_start
+    card = card_of(cfg.steps, history, wall(),
+                   steps_per_s=round(trained / elapsed, 3) if trained else None)
+    if accelerator.is_main_process:
+        atomic_write_file(out_dir / WEIGHTS, lambda path: save_tensors(path, ema.module.state_dict()))
+        atomic_write_file(out_dir / CARD, lambda path: save_json(path, card))
+    accelerator.wait_for_everyone()
+    return card
+
+
+def is_main_process() -> bool:
+    """True in a single-process run, and on rank 0 of a multi-process one."""
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
+        or torch.distributed.get_rank() == 0
+
+
+# ------------------------------------------------------------------------------------ the pieces
+def _make_accelerator(cfg: TrainConfig, device: str | None) -> Accelerator:
+    if cfg.mixed_precision not in MIXED_PRECISIONS:
+        raise UserError(f"unknown mixed precision {cfg.mixed_precision!r}; choose one of: "
+                        f"{', '.join(MIXED_PRECISIONS)}")
+    if device not in (None, "cpu", "cuda"):
+        raise UserError(f"unknown device {device!r}; choose cpu or cuda, or leave it out")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("device cuda asked for, but torch sees no CUDA GPU; use --device cpu")
+    if cfg.mixed_precision == "fp16" and (device == "cpu" or not torch.cuda.is_available()):
+        raise UserError("mixed precision fp16 needs a CUDA GPU; use bf16 or no on the CPU")
+    # Accelerate keeps its settings in process-wide state, and refuses a second Accelerator with
+    # other settings; a notebook that trains one stage in bf16 and the next in fp32 needs it
+    # afresh. Under torchrun the process group (the "partial state") is kept.
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    AcceleratorState._reset_state(reset_partial_state=not distributed)
+    return Accelerator(cpu=device == "cpu", mixed_precision=cfg.mixed_precision)
+
+
+def _check_out_dir(out_dir: Path, resume: bool) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as error:
+        raise UserError(f"cannot write to --out {out_dir}: {error.strerror or error}") from None
+    has_checkpoint = existing_dir(out_dir / CHECKPOINT_DIR) is not None
+    if resume and not has_checkpoint:
+        raise UserError(f"nothing to resume in {out_dir}: it holds no {CHECKPOINT_DIR}/ folder; "
+                        "leave out --resume to start a new run")
+    if not resume and (has_checkpoint or (out_dir / WEIGHTS).exists()):
+        raise UserError(f"{out_dir} already holds a run; pass --resume to continue it, "
+                        "or pick another --out")
+
+
+def _show_progress(progress: bool, is_main_process: bool) -> bool:
+    """A bar on a terminal or in a notebook; nothing in CI, in logs, or on other ranks."""
+    if not (progress and is_main_process) or os.environ.get("CI") or os.environ.get("TQDM_DISABLE"):
+        return False
+    in_notebook = type(sys.stderr).__module__.startswith("ipykernel")
+    return in_notebook or sys.stderr.isatty()
+
+
+def _record(history: dict[str, list[float]], accelerator: Accelerator, loss: torch.Tensor,
+            stats: dict[str, float]) -> None:
+    """Append this step's loss and stats, averaged over the ranks, to ``history``."""
+    names = sorted(stats)
+    values = torch.tensor([loss.detach().float().item()] + [float(stats[n]) for n in names],
+                          device=accelerator.device)
+    values = accelerator.reduce(values, reduction="mean").tolist()
+    for name, value in zip(["loss"] + names, values):
+        history.setdefault(name, []).append(value)
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value))
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} ({torch.get_num_threads()} threads)"
+
+
+def _peak_memory_mb(device: torch.device) -> float | None:
+    """CUDA: peak allocated tensor memory. CPU: the process's peak resident memory."""
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS, KiB on Linux
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
+
+
+def _card(task: TrainingTask, cfg: TrainConfig, accelerator: Accelerator, steps: int,
+          history: dict[str, list[float]], wall_time_s: float, *, command: str | None,
+          extra_card: dict | None, steps_per_s: float | None = None) -> dict:
+    curve = loss_curve(history["loss"])
+    card = {
+        "stage": task.stage,
+        "config": _jsonable(task.card_config()),
+        "train": dataclasses.asdict(cfg),
+        "command": command if command is not None else shlex.join(sys.argv),
+        "seed": cfg.seed,
+        "steps": steps,
+        "wall_time_s": round(wall_time_s, 2),
+        "steps_per_s": steps_per_s,
+        "device": _device_name(accelerator.device),
+        "world_size": accelerator.num_processes,
+        "mixed_precision": cfg.mixed_precision,
+        "peak_memory_mb": _peak_memory_mb(accelerator.device),
+        "loss_curve": curve,
+        "final_loss": curve[-1][1] if curve else None,
+        "stat_curves": {name: loss_curve(values) for name, values in history.items() if name != "loss"},
+        "torch_version": torch.__version__,
+        "metrics": {},
+    }
+    card.update(extra_card or {})
+    return card
+
+
+def _save_training_state(folder: Path, card: dict, history: dict, wall_time_s: float,
+                         model, ema: AveragedModel, optimizer, scheduler, accelerator) -> None:
+    """Write ``folder`` (``RUN/checkpoint``) atomically: everything :func:`train` needs to resume."""
+    optimizer_tensors, optimizer_skeleton = optimizer_state_to_tensors(optimizer.state_dict())
+    state = {
+        "stage": card["stage"], "config": card["config"], "step": card["steps"],
+        "wall_time_s": wall_time_s, "history": history,
+        "ema_updates": int(ema.n_averaged), "scheduler": scheduler.state_dict(),
+        "optimizer": optimizer_skeleton,
+        "grad_scaler": accelerator.scaler.state_dict() if accelerator.scaler else None,
+    }
+
+    def write(temp: Path) -> None:
+        save_tensors(temp / WEIGHTS, ema.module.state_dict())
+        save_json(temp / CARD, card)
+        save_tensors(temp / "raw.safetensors", model.state_dict())
+        save_tensors(temp / "optimizer.safetensors", optimizer_tensors)
+        save_json(temp / "state.json", state)
+
+    atomic_write_dir(folder, write)
+
+
+def _load_training_state(folder: Path, task: TrainingTask, cfg: TrainConfig, accelerator,
+                         model, ema: AveragedModel, optimizer, scheduler) -> dict:
+    """Restore what :func:`_save_training_state` wrote; returns the ``state.json`` dict."""
+    folder = existing_dir(folder)
+    state = load_json(folder / "state.json")
+    config = _jsonable(task.card_config())
+    if state["stage"] != task.stage or state["config"] != config:
+        differing = sorted(k for k in set(config) | set(state["config"])
+                           if config.get(k) != state["config"].get(k))
+        raise UserError(f"cannot resume: {folder} was made for stage {state['stage']!r} with another "
+                        f"config (differs in: {', '.join(differing) or 'stage'}); pick another --out")
+    if state["step"] > cfg.steps:
+        raise UserError(f"cannot resume: {folder} is already at step {state['step']}, "
+                        f"beyond the {cfg.steps} steps asked for")
+    load_state_into(model, load_tensors(folder / "raw.safetensors"), str(folder))
+    load_state_into(ema.module, load_tensors(folder / WEIGHTS), str(folder))
+    ema.n_averaged.fill_(state["ema_updates"])
+    optimizer.load_state_dict(optimizer_state_from_tensors(
+        load_tensors(folder / "optimizer.safetensors"), state["optimizer"]))
+    scheduler.load_state_dict(state["scheduler"])
+    if accelerator.scaler and state["grad_scaler"]:
+        accelerator.scaler.load_state_dict(state["grad_scaler"])
+    return state

@@ -1,0 +1,54 @@
+"""A toy TrainingTask for the tests of minildm.train, and a script that trains it.
+
+``python -m torch.distributed.run --nproc_per_node=2 tests/_toy_distributed.py OUT`` trains it on
+two CPU processes (gloo); ``tests/test_train.py`` runs that and checks ``OUT``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: find minildm
+
+from minildm.config import TrainConfig  # noqa: E402
+from minildm.train import train  # noqa: E402
+
+IN_FEATURES = 8
+
+
+class ToyTask:
+    """Regression of y = x·w + noise with a small MLP (with dropout, to use the global RNG)."""
+
+    stage = "toy"
+
+    def __init__(self, hidden: int = 16, seed: int = 0, batch_size: int = 32):
+        self.hidden, self.seed, self.batch_size = hidden, seed, batch_size
+        torch.manual_seed(seed)
+        self.model = nn.Sequential(nn.Linear(IN_FEATURES, hidden), nn.Tanh(), nn.Dropout(0.1),
+                                   nn.Linear(hidden, 1))
+        self.true_weights = torch.randn(IN_FEATURES, 1, generator=torch.Generator().manual_seed(99))
+
+    def batch(self, step: int, rank: int, world_size: int):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + step * world_size + rank)
+        x = torch.randn(self.batch_size, IN_FEATURES, generator=generator)
+        noise = 0.05 * torch.randn(self.batch_size, 1, generator=generator)
+        return {"x": x, "y": x @ self.true_weights + noise}
+
+    def loss(self, model, batch):
+        prediction = model(batch["x"])
+        loss = torch.nn.functional.mse_loss(prediction.float(), batch["y"])
+        return loss, {"prediction_std": prediction.detach().float().std().item()}
+
+    def card_config(self) -> dict:
+        return {"in_features": IN_FEATURES, "hidden": self.hidden}
+
+
+if __name__ == "__main__":
+    cfg = TrainConfig(steps=6, batch_size=8, lr=1e-2, warmup_steps=2, ema_decay=0.9,
+                      checkpoint_every=3, seed=0)
+    card = train(ToyTask(), cfg, sys.argv[1], device="cpu", progress=False)
+    assert card["world_size"] == 2, card["world_size"]

@@ -1,0 +1,95 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from minildm.cli import main
+
+
+def run_cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "minildm", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def one_line_error(result) -> str:
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("minildm: error: "), result.stderr
+    return lines[0]
+
+
+def test_unknown_stage_names_the_stages():
+    line = one_line_error(run_cli("train", "vae", "--profile", "smoke", "--out", "/tmp/x"))
+    assert "unknown stage 'vae'" in line and "judge ae clip ldm pixel experts add" in line
+
+
+def test_stage_not_built_yet_says_so_in_one_line(tmp_path):
+    line = one_line_error(run_cli("train", "ae", "--profile", "smoke", "--out", str(tmp_path)))
+    assert "not built yet" in line
+    assert "not built yet" in one_line_error(run_cli("eval", "paint", "--json"))
+
+
+def test_usage_mistakes_are_one_line():
+    assert "--out" in one_line_error(run_cli("train", "judge"))
+    assert "invalid choice" in one_line_error(run_cli("train", "judge", "--profile", "huge", "--out", "x"))
+
+
+def test_missing_checkpoint(tmp_path):
+    line = one_line_error(run_cli("eval", "judge", "--model", str(tmp_path / "nothing"), "--json"))
+    assert "no checkpoint at" in line
+
+
+def test_bad_data_and_unwritable_out(tmp_path, capsys):
+    assert main(["train", "judge", "--profile", "smoke", "--out", str(tmp_path / "r"), "--data", str(tmp_path / "none")]) == 2
+    assert "the judge learns from the shapes world" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["train", "judge", "--profile", "smoke", "--out", str(blocker / "sub")]) == 2
+    assert "cannot write there" in capsys.readouterr().err
+
+
+def test_train_resume_and_reuse_errors(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert main(["train", "judge", "--profile", "smoke", "--out", out, "--resume", "--quiet"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+    assert main(["train", "judge", "--profile", "smoke", "--out", out, "--steps", "12", "--quiet"]) == 0
+    assert main(["train", "judge", "--profile", "smoke", "--out", out, "--quiet"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert main(["train", "judge", "--profile", "smoke", "--out", out, "--steps", "20", "--resume", "--quiet"]) == 0
+    card = json.loads((tmp_path / "run" / "card.json").read_text())
+    assert card["steps"] == 20 and card["metrics"]["n"] == 64
+
+
+def test_eval_prints_one_json_object(capsys):
+    assert main(["eval", "judge", "--n", "40", "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    for key in ("attribute_accuracy", "alignment_true", "alignment_mismatched", "fid_heldout"):
+        assert key in metrics
+    assert metrics["n"] == 40
+
+
+def test_sample_says_what_is_missing():
+    assert "not built yet" in one_line_error(run_cli("sample", "--model", "x", "--prompt", "a red circle", "--out", "x.png"))
+
+
+def test_bench_reports_ratios(capsys):
+    assert main(["bench", "--profile", "smoke", "--json"]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    assert figures["judge_step_bf16_speedup"] > 0 and 0 < figures["data_share_of_step"] < 1
+
+
+def test_course_runs_the_built_stages_and_writes_a_report(tmp_path, capsys):
+    assert main(["course", "--profile", "smoke", "--out", str(tmp_path), "--quiet"]) == 0
+    assert str(tmp_path / "report.md") in capsys.readouterr().out
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert set(report["stages"]) == {"judge"} and report["profile"] == "smoke"
+    assert "attribute_accuracy" in report["stages"]["judge"]["targets"]
+    assert (tmp_path / "judge" / "loss_curve.png").exists()
+    assert "| attribute_accuracy |" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"]])
+def test_help_exits_cleanly(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 0

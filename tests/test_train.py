@@ -1,0 +1,171 @@
+"""minildm.train: the loop learns, resumes exactly, writes a card, refuses bad runs clearly."""
+
+import importlib.util
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from minildm.config import TrainConfig
+from minildm.errors import UserError
+from minildm.train import ema_with_warmup, load_trained, loss_curve, lr_multiplier, train
+
+TESTS = Path(__file__).resolve().parent
+_spec = importlib.util.spec_from_file_location("_toy_distributed", TESTS / "_toy_distributed.py")
+toy = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(toy)
+ToyTask = toy.ToyTask
+
+CFG = TrainConfig(steps=20, batch_size=32, lr=1e-2, warmup_steps=3, ema_decay=0.9,
+                  checkpoint_every=10, seed=0)
+
+
+def _train(task, out, cfg=CFG, **kwargs):
+    return train(task, cfg, out, device="cpu", progress=False, command="test", **kwargs)
+
+
+def test_a_few_steps_lower_the_loss(tmp_path):
+    card = _train(ToyTask(), tmp_path / "run", TrainConfig(**{**CFG.__dict__, "steps": 40}))
+    losses = [loss for _, loss in card["loss_curve"]]
+    assert len(losses) == 40
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+
+
+class InterruptedToyTask(ToyTask):
+    """Dies at step 13, as a run killed by the user or the cluster would."""
+
+    def batch(self, step, rank, world_size):
+        if step == 13:
+            raise KeyboardInterrupt
+        return super().batch(step, rank, world_size)
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    card = _train(ToyTask(), straight)
+    with pytest.raises(KeyboardInterrupt):
+        _train(InterruptedToyTask(), interrupted)
+    state = json.loads((interrupted / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 10 and not (interrupted / "model.safetensors").exists()
+
+    resumed_task = ToyTask(seed=0)
+    resumed_card = _train(resumed_task, interrupted, resume=True)
+
+    for name in ("raw", "model", "optimizer"):  # raw weights, EMA weights, AdamW moments
+        a = load_file(straight / "checkpoint" / f"{name}.safetensors")
+        b = load_file(interrupted / "checkpoint" / f"{name}.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    a, b = load_file(straight / "model.safetensors"), load_file(interrupted / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    a, b = (json.loads((run / "checkpoint" / "state.json").read_text())
+            for run in (straight, interrupted))
+    assert a["optimizer"] == b["optimizer"] and a["scheduler"] == b["scheduler"]
+    assert a["ema_updates"] == b["ema_updates"] == 20
+    assert resumed_card["loss_curve"] == card["loss_curve"]
+    raw = load_file(straight / "checkpoint" / "raw.safetensors")
+    assert torch.equal(resumed_task.model[0].weight, raw["0.weight"])  # task.model: raw weights
+
+
+def test_resume_can_extend_a_finished_run(tmp_path):
+    _train(ToyTask(), tmp_path / "run", TrainConfig(**{**CFG.__dict__, "steps": 10}))
+    card = _train(ToyTask(), tmp_path / "run", resume=True)
+    assert card["steps"] == 20 and card["loss_curve"][-1][0] == 20
+
+
+def test_card_records_the_run(tmp_path):
+    card = _train(ToyTask(), tmp_path / "run", extra_card={"profile": "smoke"})
+    assert json.loads((tmp_path / "run" / "card.json").read_text()) == card
+    for key in ("stage", "config", "train", "command", "seed", "steps", "wall_time_s", "device",
+                "world_size", "peak_memory_mb", "loss_curve", "final_loss", "torch_version",
+                "metrics", "steps_per_s"):
+        assert key in card, key
+    assert card["stage"] == "toy" and card["config"] == {"in_features": 8, "hidden": 16}
+    assert card["train"]["steps"] == 20 and card["command"] == "test" and card["world_size"] == 1
+    assert card["device"].startswith("cpu") and card["peak_memory_mb"] > 0
+    assert card["profile"] == "smoke" and card["metrics"] == {}
+    assert card["final_loss"] == card["loss_curve"][-1][1]
+    assert len(card["stat_curves"]["prediction_std"]) == 20
+
+
+def test_loss_curve_has_at_most_300_bin_means():
+    losses = [float(i) for i in range(1000)]
+    curve = loss_curve(losses)
+    assert len(curve) == 300 and curve[-1][0] == 1000 and curve[0] == [3, 1.0]
+    assert loss_curve([2.0, 4.0]) == [[1, 2.0], [2, 4.0]]
+
+
+def test_saved_model_is_the_ema(tmp_path):
+    task = ToyTask()
+    card = _train(task, tmp_path / "run")
+    fresh = ToyTask(seed=1).model
+    assert load_trained(fresh, tmp_path / "run") == card
+    ema = load_file(tmp_path / "run" / "checkpoint" / "model.safetensors")
+    assert torch.equal(fresh[0].weight, ema["0.weight"])
+    assert not torch.equal(fresh[0].weight, task.model[0].weight)  # raw weights differ from EMA
+
+
+def test_schedule_and_ema_warmup():
+    cfg = TrainConfig(steps=100, warmup_steps=10)
+    assert lr_multiplier(0, cfg) == pytest.approx(0.1) and lr_multiplier(9, cfg) == 1.0
+    assert lr_multiplier(10, cfg) == 1.0 and lr_multiplier(100, cfg) == pytest.approx(0.1)
+    ema, weights = [torch.zeros(2)], [torch.ones(2)]
+    ema_with_warmup(0.999)(ema, weights, torch.tensor(1))  # first average: decay 2/11
+    assert torch.allclose(ema[0], torch.full((2,), 9 / 11))
+
+
+def test_bf16_autocast_on_cpu(tmp_path):
+    task = ToyTask()
+    dtypes = set()
+    task.model[0].register_forward_hook(lambda module, args, output: dtypes.add(output.dtype))
+    card = _train(task, tmp_path / "run", TrainConfig(**{**CFG.__dict__, "steps": 3,
+                                                         "mixed_precision": "bf16"}))
+    assert dtypes == {torch.bfloat16} and math.isfinite(card["final_loss"])
+    assert task.model[0].weight.dtype == torch.float32  # the weights stay fp32
+    dtypes.clear()
+    task.model(torch.randn(2, 8))
+    assert dtypes == {torch.float32}  # after training the model no longer autocasts
+
+
+def test_bad_runs_are_one_line_user_errors(tmp_path):
+    with pytest.raises(UserError, match="nothing to resume"):
+        _train(ToyTask(), tmp_path / "empty", resume=True)
+    _train(ToyTask(), tmp_path / "run", TrainConfig(**{**CFG.__dict__, "steps": 2}))
+    with pytest.raises(UserError, match="already holds a run; pass --resume"):
+        _train(ToyTask(), tmp_path / "run")
+    with pytest.raises(UserError, match="differs in: hidden"):
+        _train(ToyTask(hidden=32), tmp_path / "run", resume=True)
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(UserError, match="cannot write to --out"):
+        _train(ToyTask(), tmp_path / "a_file" / "run")
+    with pytest.raises(UserError, match="choose one of: no, bf16, fp16"):
+        _train(ToyTask(), tmp_path / "x", TrainConfig(mixed_precision="fp32"))
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="fp16 needs a CUDA GPU"):
+            _train(ToyTask(), tmp_path / "x", TrainConfig(mixed_precision="fp16"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_torchrun_on_cpu(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS.parent)}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+         f"--master_port={_free_port()}", str(TESTS / "_toy_distributed.py"), str(out)],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    card = json.loads((out / "card.json").read_text())
+    assert card["world_size"] == 2 and card["steps"] == 6
+    assert sorted(p.name for p in out.iterdir()) == ["card.json", "checkpoint", "model.safetensors"]
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 6
