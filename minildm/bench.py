@@ -1,11 +1,12 @@
 """``minildm bench`` — speed figures, as ratios of timings taken in one run on one machine.
 
 Absolute timings on shared machines are noise; a ratio of two timings taken back to back is
-a fact about the code. Each figure is the median of several repeats after a warm-up.
+a fact about the code. Each timing is the median of several repeats after a warm-up.
 
-* ``judge_step_bf16_speedup`` — a training step of the judge (cpu profile) in fp32 over the
-  same step under bf16 autocast: whether mixed precision pays on this device.
-* ``data_share_of_step`` — rendering a batch of the shapes world over a whole training step:
+* ``<stage>_step_bf16_speedup`` — a training step of the stage (the profile's sizes) in fp32
+  over the same step under bf16 autocast: whether mixed precision pays on this device. The
+  autoencoder's step is timed with its GAN and judge-feature terms switched on.
+* ``data_share_of_step`` — rendering a batch of the shapes world over a whole judge step:
   whether the procedural data is the bottleneck.
 * plus the absolute throughputs behind the ratios, for the record.
 """
@@ -31,8 +32,11 @@ def _median_time(fn, repeats: int = 5, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-def judge_step_fn(task, batch, optimizer, device_type: str, dtype: torch.dtype | None):
-    """One optimisation step of the judge, optionally under autocast."""
+def training_step_fn(task, batch, device_type: str, dtype: torch.dtype | None):
+    """One optimisation step of a task (and of its critic, if it has one), optionally under autocast."""
+    optimizer = torch.optim.AdamW(task.model.parameters(), lr=1e-5)
+    critic = getattr(task, "critic", None)
+    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=1e-5) if critic is not None else None
 
     def step():
         with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
@@ -40,35 +44,71 @@ def judge_step_fn(task, batch, optimizer, device_type: str, dtype: torch.dtype |
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if critic is not None:
+            with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                result = task.critic_loss(critic, batch)
+            if result is not None:
+                critic_optimizer.zero_grad(set_to_none=True)
+                result[0].backward()
+                critic_optimizer.step()
 
     return step
 
 
+def _to(batch, device):
+    if torch.is_tensor(batch):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: _to(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to(v, device) for v in batch)
+    return batch
+
+
+def _speedup(task, batch, device: str) -> tuple[float, float]:
+    t_fp32 = _median_time(training_step_fn(task, batch, device, None))
+    t_bf16 = _median_time(training_step_fn(task, batch, device, torch.bfloat16))
+    return t_fp32, t_bf16
+
+
 def run_bench(profile_name: str = "cpu", device: str | None = None) -> dict:
+    from minildm.data.datasets import ShapesDataset
     from minildm.judge import JudgeTask
+    from minildm.stages import judge as judge_stage
+    from minildm.stages.ae import AutoencoderTask
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     profile = get_profile(profile_name)
-    cfg = profile.judge_train
     torch.manual_seed(0)
-    task = JudgeTask(profile.judge, profile.shapes, cfg.batch_size)
-    task.model.to(device)
-    images, target = task.batch(0, 0, 1)
-    batch = (images.to(device), {k: v.to(device) for k, v in target.items()})
-    optimizer = torch.optim.AdamW(task.model.parameters(), lr=1e-4)
 
-    t_render = _median_time(lambda: task.batch(1, 0, 1))
-    t_fp32 = _median_time(judge_step_fn(task, batch, optimizer, device, None))
-    t_bf16 = _median_time(judge_step_fn(task, batch, optimizer, device, torch.bfloat16))
+    judge_cfg = profile.judge_train
+    judge_task = JudgeTask(profile.judge, profile.shapes, judge_cfg.batch_size)
+    judge_task.model.to(device)
+    judge_batch = _to(judge_task.batch(0, 0, 1), device)
+    t_render = _median_time(lambda: judge_task.batch(1, 0, 1))
+    judge_fp32, judge_bf16 = _speedup(judge_task, judge_batch, device)
     with torch.no_grad():
-        t_read = _median_time(lambda: task.model(batch[0]))
+        t_read = _median_time(lambda: judge_task.model(judge_batch[0]))
+
+    ae_cfg = profile.ae_train
+    reference_judge = judge_stage.load(None)[0] if profile.ae.perceptual_weight > 0 else None
+    ae_task = AutoencoderTask(profile.ae, ShapesDataset(10**9, cfg=profile.shapes), ae_cfg.batch_size,
+                              0, reference_judge)
+    ae_task.model.to(device)
+    ae_task.critic.to(device)
+    ae_batch = _to(ae_task.batch(profile.ae.disc_start, 0, 1), device)  # GAN switched on
+    ae_fp32, ae_bf16 = _speedup(ae_task, ae_batch, device)
+
     return {
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)",
-        "batch_size": cfg.batch_size,
-        "judge_step_bf16_speedup": round(t_fp32 / t_bf16, 3),
-        "data_share_of_step": round(t_render / (t_render + min(t_fp32, t_bf16)), 3),
-        "render_images_per_s": round(cfg.batch_size / t_render, 1),
-        "judge_train_steps_per_s_fp32": round(1 / t_fp32, 2),
-        "judge_train_steps_per_s_bf16": round(1 / t_bf16, 2),
-        "judge_read_images_per_s": round(cfg.batch_size / t_read, 1),
+        "profile": profile.name,
+        "judge_step_bf16_speedup": round(judge_fp32 / judge_bf16, 3),
+        "ae_step_bf16_speedup": round(ae_fp32 / ae_bf16, 3),
+        "data_share_of_step": round(t_render / (t_render + min(judge_fp32, judge_bf16)), 3),
+        "render_images_per_s": round(judge_cfg.batch_size / t_render, 1),
+        "judge_train_steps_per_s_fp32": round(1 / judge_fp32, 2),
+        "judge_train_steps_per_s_bf16": round(1 / judge_bf16, 2),
+        "judge_read_images_per_s": round(judge_cfg.batch_size / t_read, 1),
+        "ae_train_steps_per_s_fp32": round(1 / ae_fp32, 2),
+        "ae_train_steps_per_s_bf16": round(1 / ae_bf16, 2),
     }

@@ -3,6 +3,7 @@
 ::
 
     minildm train STAGE --profile P --out RUN_DIR [--data SPEC] [--resume] [--steps N] [--device D]
+                  [--set SECTION.FIELD=VALUE ...]
     minildm sample --model RUN_OR_CKPT --prompt TEXT [--steps N] [--guidance S] [--seed N] --out FILE.png
     minildm eval STAGE --model RUN_OR_CKPT [--n N] --json
     minildm bench [--json]
@@ -46,16 +47,25 @@ def writable_dir(path: str, what: str = "--out") -> Path:
     return out
 
 
+def print_figures(figures: dict, as_json: bool) -> None:
+    """One JSON object (``--json``), or one ``name value`` line per figure."""
+    if as_json:
+        print(json.dumps(figures))
+    else:
+        for key, value in figures.items():
+            print(f"{key:36s} {value}")
+
+
 def _command_line() -> str:
     return "minildm " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
 def cmd_train(args) -> int:
-    from minildm.config import get_profile
+    from minildm.config import get_profile, with_overrides
     from minildm.stages import stage_module
 
     stage = stage_module(args.stage)
-    profile = get_profile(args.profile)
+    profile = with_overrides(get_profile(args.profile), args.set)
     writable_dir(args.out)
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps {args.steps}: give a positive number of steps")
@@ -76,29 +86,21 @@ def cmd_eval(args) -> int:
     stage = stage_module(args.stage, EVAL_STAGES)
     model, card = stage.load(args.model)
     n = args.n if args.n is not None else get_profile(card.get("profile", "cpu")).eval_n
-    metrics = stage.evaluate(model, n)
-    if args.json:
-        print(json.dumps(metrics))
-    else:
-        for key, value in metrics.items():
-            print(f"{key:32s} {value}")
+    print_figures(stage.evaluate(model, n), args.json)
     return 0
 
 
 def cmd_sample(args) -> int:
+    from minildm.stages import BUILT
+
     raise UserError("sampling needs a diffusion model (stage ldm), which is not built yet in this "
-                    "version of minildm; built stages: judge")
+                    f"version of minildm; built stages: {' '.join(BUILT)}")
 
 
 def cmd_bench(args) -> int:
     from minildm.bench import run_bench
 
-    figures = run_bench(args.profile)
-    if args.json:
-        print(json.dumps(figures))
-    else:
-        for key, value in figures.items():
-            print(f"{key:40s} {value}")
+    print_figures(run_bench(args.profile), args.json)
     return 0
 
 
@@ -126,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
     train.add_argument("--steps", type=int, default=None, help="total optimisation steps (default: the profile's)")
     train.add_argument("--device", default=None, help="cpu, cuda, cuda:1, … (default: the best available)")
+    train.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                       help="override one value of the profile, e.g. ae.disc_start=1000000 (repeatable)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(run=cmd_train)
 

@@ -46,12 +46,39 @@ class JudgeConfig:
 
 
 @dataclass(frozen=True)
+class AutoencoderConfig:
+    """The KL autoencoder (``minildm.autoencoder``) and its loss (``minildm.losses``).
+
+    f = 2 ** (len(channel_mult) - 1): (1, 2, 2) gives f = 4, 32×32×3 → 8×8×4.
+    """
+
+    image_size: int = 32
+    channels: int = 32
+    channel_mult: tuple[int, ...] = (1, 2, 2)
+    num_res_blocks: int = 1
+    z_channels: int = 4
+    # the loss: L1 + kl_weight·KL + adaptive-weighted hinge GAN after disc_start (LDM §1.4)
+    kl_weight: float = 1e-6
+    disc_weight: float = 0.5
+    disc_start: int = 500
+    disc_channels: int = 32
+    disc_layers: int = 2
+    disc_lr: float = 2e-4
+    perceptual_weight: float = 0.0  # > 0: features of the frozen judge stand in for LPIPS
+
+    @property
+    def factor(self) -> int:
+        return 2 ** (len(self.channel_mult) - 1)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """One training run of any stage (``minildm.train``)."""
 
     steps: int = 1000
     batch_size: int = 64
     lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     warmup_steps: int = 50
     grad_clip: float = 1.0
@@ -67,6 +94,8 @@ class Profile:
     shapes: ShapesConfig
     judge: JudgeConfig
     judge_train: TrainConfig
+    ae: AutoencoderConfig
+    ae_train: TrainConfig
     eval_n: int  # held-out renders scored by `minildm eval`
     train_eval_n: int  # renders scored at the end of `minildm train` for the card
     extras: dict = field(default_factory=dict)
@@ -83,6 +112,9 @@ def _smoke() -> Profile:
         judge=JudgeConfig(image_size=size, widths=(8, 16, 16), feature_dim=32),
         judge_train=TrainConfig(steps=30, batch_size=16, lr=2e-3, warmup_steps=5,
                                 ema_decay=0.9, checkpoint_every=10),
+        ae=AutoencoderConfig(image_size=size, channels=8, disc_channels=8, disc_start=10, perceptual_weight=1.0),
+        ae_train=TrainConfig(steps=20, batch_size=8, lr=1e-3, betas=(0.5, 0.9), warmup_steps=2,
+                             ema_decay=0.9, checkpoint_every=10),
         eval_n=64,
         train_eval_n=64,
     )
@@ -96,6 +128,9 @@ def _cpu() -> Profile:
         judge=JudgeConfig(image_size=size, widths=(32, 64, 128), feature_dim=256),
         judge_train=TrainConfig(steps=1500, batch_size=64, lr=2e-3, warmup_steps=100,
                                 ema_decay=0.995, mixed_precision="bf16", checkpoint_every=500),
+        ae=AutoencoderConfig(image_size=size, channels=32, disc_start=1000, perceptual_weight=1.0),
+        ae_train=TrainConfig(steps=2000, batch_size=32, lr=1e-3, betas=(0.5, 0.9), warmup_steps=100,
+                             ema_decay=0.999, mixed_precision="bf16", checkpoint_every=500),
         eval_n=1000,
         train_eval_n=1000,
     )
@@ -109,6 +144,9 @@ def _gpu() -> Profile:
         judge=JudgeConfig(image_size=size, widths=(32, 64, 128, 192), feature_dim=256),
         judge_train=TrainConfig(steps=4000, batch_size=128, lr=2e-3, warmup_steps=100,
                                 ema_decay=0.995, mixed_precision="bf16", checkpoint_every=1000),
+        ae=AutoencoderConfig(image_size=size, channels=64, disc_channels=64, disc_start=3000),
+        ae_train=TrainConfig(steps=6000, batch_size=64, lr=5e-4, betas=(0.5, 0.9), warmup_steps=200,
+                             ema_decay=0.999, mixed_precision="bf16", checkpoint_every=1000),
         eval_n=1000,
         train_eval_n=1000,
     )
@@ -150,3 +188,33 @@ def config_from_dict(cls, values: dict):
             value = tuple(value)
         kwargs[f.name] = value
     return cls(**kwargs)
+
+
+def with_overrides(profile: Profile, assignments: list[str]) -> Profile:
+    """The profile with ``SECTION.FIELD=VALUE`` assignments applied (``--set`` on the CLI).
+
+    ``VALUE`` is read as JSON when it parses (numbers, lists, true/false), else as a string:
+    ``ae.disc_start=1000000`` turns the autoencoder's GAN off, ``ae.channel_mult=[1,2]`` makes f = 2.
+    """
+    import json
+
+    from minildm.errors import UserError
+
+    for assignment in assignments:
+        key, sep, raw = assignment.partition("=")
+        section_name, _, field_name = key.partition(".")
+        sections = [f.name for f in dataclasses.fields(profile) if dataclasses.is_dataclass(getattr(profile, f.name))]
+        if not sep or section_name not in sections:
+            raise UserError(f"--set {assignment}: expected SECTION.FIELD=VALUE with SECTION one of: {', '.join(sections)}")
+        section = getattr(profile, section_name)
+        names = [f.name for f in dataclasses.fields(section)]
+        if field_name not in names:
+            raise UserError(f"--set {assignment}: {section_name} has no field {field_name!r}; fields: {', '.join(names)}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        if isinstance(value, list):
+            value = tuple(value)
+        profile = dataclasses.replace(profile, **{section_name: dataclasses.replace(section, **{field_name: value})})
+    return profile

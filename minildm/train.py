@@ -14,6 +14,10 @@ A stage describes itself as a :class:`TrainingTask` (its network, its batches, i
   ``(seed, s, rank)``, so a checkpoint needs only weights, EMA weights, optimizer and scheduler
   state; nothing about data loaders or random generators. ``--resume`` then continues the very
   run that an uninterrupted one would have made, bit for bit on the same machine.
+* **An optional critic**: a task may carry a second network trained against the first (a GAN
+  discriminator: the autoencoder's PatchGAN, ADD's discriminator). After each step of the model
+  the loop takes one step of the critic on ``task.critic_loss`` with its own Adam optimizer;
+  while the model's loss runs, the critic's weights are frozen.
 * **A card** (``card.json``): config, command, seed, wall time, device, peak memory and the loss
   curve, so that a learner can lay their own run over the reference one.
 
@@ -26,6 +30,8 @@ A run folder, when finished::
         card.json                the card as of that step
         raw.safetensors          the trained (non-averaged) weights
         optimizer.safetensors    AdamW moments and step counts
+        critic.safetensors       the critic and its optimizer, when the task has one
+        critic_optimizer.safetensors
         state.json               step, loss history, scheduler, EMA count, optimizer groups
 """
 
@@ -84,6 +90,16 @@ class TrainingTask(Protocol):
     def card_config(self) -> dict:
         """A JSON-able config of the model and stage, stored in the card and checked on resume."""
 
+    # Optional: a critic trained adversarially against the model. A task without one leaves
+    # ``critic`` as None (or does not define it).
+    critic: torch.nn.Module | None
+    critic_lr: float
+    critic_betas: tuple[float, float]
+
+    def critic_loss(self, critic: torch.nn.Module, batch) -> tuple[torch.Tensor, dict[str, float]] | None:
+        """The critic's loss on ``batch`` (after the model's step on it), or None to skip the
+        step (a GAN discriminator before it is switched on)."""
+
 
 def lr_multiplier(step: int, cfg: TrainConfig) -> float:
     """Learning-rate factor at ``step``: linear warm-up, then cosine decay from 1 to 0.1."""
@@ -115,14 +131,17 @@ def ema_with_warmup(decay: float):
     return update
 
 
-def loss_curve(losses: list[float], max_points: int = LOSS_CURVE_POINTS) -> list[list]:
+def loss_curve(losses: list[float | None], max_points: int = LOSS_CURVE_POINTS) -> list[list]:
     """``[[step, mean loss], ...]``: the per-step losses averaged over at most ``max_points`` equal
-    bins; ``step`` is the 1-based number of the last step in the bin."""
+    bins; ``step`` is the 1-based number of the last step in the bin. Steps without a value
+    (``None``: a stat that starts later, like a GAN loss) are left out of the means."""
     n, bins = len(losses), min(len(losses), max_points)
     points = []
     for i in range(bins):
         lo, hi = i * n // bins, (i + 1) * n // bins
-        points.append([hi, float(f"{sum(losses[lo:hi]) / (hi - lo):.6g}")])
+        values = [v for v in losses[lo:hi] if v is not None]
+        if values:
+            points.append([hi, float(f"{sum(values) / len(values):.6g}")])
     return points
 
 
@@ -146,19 +165,27 @@ def train(task: TrainingTask, cfg: TrainConfig, out_dir: str | Path, *, resume: 
     model = task.model.to(accelerator.device)
     ema = AveragedModel(model, multi_avg_fn=ema_with_warmup(cfg.ema_decay))  # before prepare()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
-                                  lr=cfg.lr, weight_decay=cfg.weight_decay)
+                                  lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    critic = getattr(task, "critic", None)
+    critic_optimizer = None
+    if critic is not None:
+        critic = critic.to(accelerator.device)
+        critic_optimizer = torch.optim.Adam(critic.parameters(), lr=task.critic_lr, betas=task.critic_betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_multiplier, cfg=cfg))
     history: dict[str, list[float]] = {"loss": []}
     start, wall_before = 0, 0.0
     if resume:
         state = _load_training_state(out_dir / CHECKPOINT_DIR, task, cfg, accelerator,
-                                     model, ema, optimizer, scheduler)
+                                     model, ema, optimizer, scheduler, critic, critic_optimizer)
         start, history, wall_before = state["step"], state["history"], state["wall_time_s"]
 
     # prepare(): DDP wrapper when world_size > 1, autocast around forward, grad scaler for fp16.
     # The scheduler stays unprepared: Accelerate would step it once per process.
     ddp_model, ddp_optimizer = accelerator.prepare(model, optimizer)
     ddp_model.train()
+    if critic is not None:
+        ddp_critic, ddp_critic_optimizer = accelerator.prepare(critic, critic_optimizer)
+        ddp_critic.train()
     card_of = partial(_card, task, cfg, accelerator, command=command, extra_card=extra_card)
     bar = tqdm(total=cfg.steps, initial=start, desc=f"train {task.stage}", dynamic_ncols=True,
                disable=not _show_progress(progress, accelerator.is_main_process))
@@ -171,6 +198,8 @@ def train(task: TrainingTask, cfg: TrainConfig, out_dir: str | Path, *, resume: 
         for step in range(start, cfg.steps):
             torch.manual_seed(step_seed(cfg.seed, step, rank))  # dropout, noise, timesteps...
             batch = send_to_device(task.batch(step, rank, world_size), accelerator.device)
+            if critic is not None:
+                critic.requires_grad_(False)  # the model's loss may look through the critic
             with accelerator.autocast():
                 loss, stats = task.loss(ddp_model, batch)
             accelerator.backward(loss)
@@ -181,6 +210,8 @@ def train(task: TrainingTask, cfg: TrainConfig, out_dir: str | Path, *, resume: 
                 scheduler.step()
             ddp_optimizer.zero_grad(set_to_none=True)
             ema.update_parameters(model)
+            if critic is not None:
+                stats = {**stats, **_critic_step(task, ddp_critic, ddp_critic_optimizer, batch, accelerator)}
 
             _record(history, accelerator, loss, stats)
             recent = history["loss"][-20:]
@@ -191,10 +222,14 @@ def train(task: TrainingTask, cfg: TrainConfig, out_dir: str | Path, *, resume: 
             if accelerator.is_main_process and (done == cfg.steps or every > 0 and done % every == 0):
                 seconds = wall()
                 _save_training_state(out_dir / CHECKPOINT_DIR, card_of(done, history, seconds),
-                                     history, seconds, model, ema, optimizer, scheduler, accelerator)
+                                     history, seconds, model, ema, optimizer, scheduler, accelerator,
+                                     critic, critic_optimizer)
     finally:
         bar.close()
         accelerator.unwrap_model(ddp_model, keep_fp32_wrapper=False)  # undo the autocast patch
+        if critic is not None:
+            accelerator.unwrap_model(ddp_critic, keep_fp32_wrapper=False)
+            critic.requires_grad_(True)
 
     trained = cfg.steps - start
     elapsed = time.perf_counter() - session_start
@@ -214,6 +249,21 @@ def is_main_process() -> bool:
 
 
 # ------------------------------------------------------------------------------------ the pieces
+def _critic_step(task, critic, optimizer, batch, accelerator: Accelerator) -> dict[str, float]:
+    """One step of the critic on ``task.critic_loss`` (nothing when it returns None)."""
+    critic.requires_grad_(True)
+    optimizer.zero_grad(set_to_none=True)  # drop what the model's loss left in its gradients
+    with accelerator.autocast():
+        result = task.critic_loss(critic, batch)
+    if result is None:
+        return {}
+    loss, stats = result
+    accelerator.backward(loss)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return stats
+
+
 def _make_accelerator(cfg: TrainConfig, device: str | None) -> Accelerator:
     if cfg.mixed_precision not in MIXED_PRECISIONS:
         raise UserError(f"unknown mixed precision {cfg.mixed_precision!r}; choose one of: "
@@ -263,8 +313,13 @@ def _record(history: dict[str, list[float]], accelerator: Accelerator, loss: tor
     values = torch.tensor([loss.detach().float().item()] + [float(stats[n]) for n in names],
                           device=accelerator.device)
     values = accelerator.reduce(values, reduction="mean").tolist()
+    steps_before = len(history["loss"])
     for name, value in zip(["loss"] + names, values):
-        history.setdefault(name, []).append(value)
+        # a stat that first appears now gets None for the steps before, so indices stay steps
+        history.setdefault(name, [None] * steps_before).append(value)
+    for name in history:  # and a stat missing at this step gets None
+        if len(history[name]) == steps_before:
+            history[name].append(None)
 
 
 def _jsonable(value):
@@ -296,7 +351,7 @@ def _card(task: TrainingTask, cfg: TrainConfig, accelerator: Accelerator, steps:
     card = {
         "stage": task.stage,
         "config": _jsonable(task.card_config()),
-        "train": dataclasses.asdict(cfg),
+        "train": _jsonable(dataclasses.asdict(cfg)),
         "command": command if command is not None else shlex.join(sys.argv),
         "seed": cfg.seed,
         "steps": steps,
@@ -317,7 +372,8 @@ def _card(task: TrainingTask, cfg: TrainConfig, accelerator: Accelerator, steps:
 
 
 def _save_training_state(folder: Path, card: dict, history: dict, wall_time_s: float,
-                         model, ema: AveragedModel, optimizer, scheduler, accelerator) -> None:
+                         model, ema: AveragedModel, optimizer, scheduler, accelerator,
+                         critic=None, critic_optimizer=None) -> None:
     """Write ``folder`` (``RUN/checkpoint``) atomically: everything :func:`train` needs to resume."""
     optimizer_tensors, optimizer_skeleton = optimizer_state_to_tensors(optimizer.state_dict())
     state = {
@@ -327,6 +383,8 @@ def _save_training_state(folder: Path, card: dict, history: dict, wall_time_s: f
         "optimizer": optimizer_skeleton,
         "grad_scaler": accelerator.scaler.state_dict() if accelerator.scaler else None,
     }
+    if critic is not None:
+        critic_tensors, state["critic_optimizer"] = optimizer_state_to_tensors(critic_optimizer.state_dict())
 
     def write(temp: Path) -> None:
         save_tensors(temp / WEIGHTS, ema.module.state_dict())
@@ -334,12 +392,16 @@ def _save_training_state(folder: Path, card: dict, history: dict, wall_time_s: f
         save_tensors(temp / "raw.safetensors", model.state_dict())
         save_tensors(temp / "optimizer.safetensors", optimizer_tensors)
         save_json(temp / "state.json", state)
+        if critic is not None:
+            save_tensors(temp / "critic.safetensors", critic.state_dict())
+            save_tensors(temp / "critic_optimizer.safetensors", critic_tensors)
 
     atomic_write_dir(folder, write)
 
 
 def _load_training_state(folder: Path, task: TrainingTask, cfg: TrainConfig, accelerator,
-                         model, ema: AveragedModel, optimizer, scheduler) -> dict:
+                         model, ema: AveragedModel, optimizer, scheduler,
+                         critic=None, critic_optimizer=None) -> dict:
     """Restore what :func:`_save_training_state` wrote; returns the ``state.json`` dict."""
     folder = existing_dir(folder)
     state = load_json(folder / "state.json")
@@ -360,4 +422,8 @@ def _load_training_state(folder: Path, task: TrainingTask, cfg: TrainConfig, acc
     scheduler.load_state_dict(state["scheduler"])
     if accelerator.scaler and state["grad_scaler"]:
         accelerator.scaler.load_state_dict(state["grad_scaler"])
+    if critic is not None:
+        load_state_into(critic, load_tensors(folder / "critic.safetensors"), str(folder))
+        critic_optimizer.load_state_dict(optimizer_state_from_tensors(
+            load_tensors(folder / "critic_optimizer.safetensors"), state["critic_optimizer"]))
     return state

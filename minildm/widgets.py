@@ -119,3 +119,102 @@ def category_examples(seed: int = 0, per_category: int = 4, image_size: int = 32
         index += 1
     images.sort(key=lambda t: t[0])
     return np.stack([t[1] for t in images]), [t[2] for t in images]
+
+
+# ------------------------------------------------------------------------------------------
+# The latent inspector (notebook 01): what lives in the autoencoder's latent space
+# ------------------------------------------------------------------------------------------
+
+def _as_image(x) -> np.ndarray:
+    from minildm.data.datasets import to_numpy
+
+    return to_numpy(x[0] if x.ndim == 4 else x)
+
+
+def latent_heatmaps(latent: np.ndarray, size: int) -> np.ndarray:
+    """(C, h, w) latent → its channels side by side as one (size, C·size, 3) picture.
+
+    Colour map: blue below zero, red above, white at zero; each channel scaled by its own max.
+    """
+    panels = []
+    for channel in latent:
+        scaled = channel / (np.abs(channel).max() + 1e-8)  # [-1, 1]
+        rgb = np.stack([1 - np.clip(-scaled, 0, 1), 1 - np.abs(scaled), 1 - np.clip(scaled, 0, 1)], -1)
+        panels.append(upscale(rgb, size // channel.shape[0]))
+    return np.concatenate(panels, axis=1)
+
+
+def render_latent_edit(model, image, channel: int, row: int, col: int, delta: float):
+    """Encode ``image`` (3, H, W), add ``delta`` to one latent cell, decode.
+
+    Returns ``(original, reconstruction, edited, latent (C, h, w), edited_latent)``; images
+    (H, W, 3) in [0, 1]. The edit is in scaled latent units (about one std per unit).
+    """
+    import torch
+
+    with torch.no_grad():
+        latent = model.encode(image[None])
+        edited_latent = latent.clone()
+        edited_latent[0, channel, row, col] += delta
+        reconstruction = model.decode(latent).clamp(-1, 1)
+        edited = model.decode(edited_latent).clamp(-1, 1)
+    return (_as_image(image), _as_image(reconstruction), _as_image(edited),
+            latent[0].numpy(), edited_latent[0].numpy())
+
+
+def render_interpolation(model, image_a, image_b, steps: int = 7) -> np.ndarray:
+    """Decode (1 − t)·z_a + t·z_b for t in [0, 1]: (steps, H, W, 3)."""
+    import torch
+
+    with torch.no_grad():
+        za, zb = model.encode(image_a[None]), model.encode(image_b[None])
+        ts = torch.linspace(0, 1, steps)[:, None, None, None]
+        decoded = model.decode((1 - ts) * za + ts * zb).clamp(-1, 1)
+    return _as_image(decoded) if steps == 1 else np.stack([_as_image(d) for d in decoded])
+
+
+def build_latent_inspector(model, seed: int = 0):
+    """Pick an item; see its latent channels; nudge one latent cell; interpolate to another item."""
+    import ipywidgets as widgets
+
+    from minildm.data.datasets import to_tensor
+
+    size = model.cfg.image_size
+    latent_side = size // model.factor
+
+    def image_of(index):
+        return to_tensor(render_item(seed, index, ShapesConfig(image_size=size))["image"])
+
+    item = widgets.IntSlider(value=0, min=0, max=999, description="item", continuous_update=False)
+    channel = widgets.IntSlider(value=0, min=0, max=model.cfg.z_channels - 1, description="channel")
+    row = widgets.IntSlider(value=latent_side // 2, min=0, max=latent_side - 1, description="row")
+    col = widgets.IntSlider(value=latent_side // 2, min=0, max=latent_side - 1, description="col")
+    delta = widgets.FloatSlider(value=3.0, min=-6.0, max=6.0, step=0.5, description="delta", continuous_update=False)
+    partner = widgets.IntSlider(value=1, min=0, max=999, description="to item", continuous_update=False)
+    pictures = widgets.Image(format="png")
+    channels = widgets.Image(format="png")
+    strip = widgets.Image(format="png")
+    caption = widgets.HTML()
+
+    def update(_change=None):
+        image = image_of(item.value)
+        original, reconstruction, edited, latent, _ = render_latent_edit(
+            model, image, channel.value, row.value, col.value, delta.value)
+        factor = 256 // size
+        difference = np.clip(np.abs(edited - reconstruction) * 4, 0, 1)
+        pictures.value = to_png(np.concatenate([upscale(p, factor // 2 or 1) for p in
+                                                (original, reconstruction, edited, difference)], axis=1))
+        channels.value = to_png(latent_heatmaps(latent, 96))
+        strip.value = to_png(np.concatenate([upscale(p, factor // 2 or 1)
+                                             for p in render_interpolation(model, image, image_of(partner.value))], axis=1))
+        caption.value = ("original · reconstruction · edited · |difference|×4 — latent channels below — "
+                         f"then item {item.value} → item {partner.value} in latent space")
+
+    for control in (item, channel, row, col, delta, partner):
+        control.observe(update, names="value")
+    update()
+    panel = widgets.VBox([widgets.HBox([item, partner]), widgets.HBox([channel, row, col, delta]),
+                          caption, pictures, channels, strip])
+    panel.controls = {"item": item, "channel": channel, "row": row, "col": col, "delta": delta,
+                      "partner": partner, "pictures": pictures, "channels": channels, "strip": strip}
+    return panel

@@ -38,3 +38,52 @@ def test_browser_updates_when_a_control_moves():
 def test_category_examples_are_sorted_by_category():
     images, captions = category_examples(per_category=2)
     assert images.shape == (12, 32, 32, 3) and len(captions) == 12
+
+
+def _tiny_autoencoder():
+    import torch
+
+    from minildm.autoencoder import AutoencoderKL
+    from minildm.config import AutoencoderConfig
+
+    torch.manual_seed(0)
+    return AutoencoderKL(AutoencoderConfig(channels=8)).eval()
+
+
+def test_latent_edit_changes_the_decoded_image_and_only_one_cell():
+    from minildm.data.datasets import to_tensor
+    from minildm.widgets import render_latent_edit
+
+    model = _tiny_autoencoder()
+    image = to_tensor(render_item(0, 3)["image"])
+    original, reconstruction, edited, latent, edited_latent = render_latent_edit(model, image, 1, 2, 5, 3.0)
+    assert original.shape == reconstruction.shape == edited.shape == (32, 32, 3)
+    assert latent.shape == (4, 8, 8) and np.count_nonzero(edited_latent - latent) == 1
+    assert not np.allclose(edited, reconstruction)
+
+
+def test_interpolation_ends_at_both_reconstructions():
+    from minildm.data.datasets import to_tensor
+    from minildm.widgets import render_interpolation, render_latent_edit
+
+    model = _tiny_autoencoder()
+    a, b = (to_tensor(render_item(0, i)["image"]) for i in (1, 2))
+    strip = render_interpolation(model, a, b, steps=5)
+    assert strip.shape == (5, 32, 32, 3)
+    assert np.allclose(strip[0], render_latent_edit(model, a, 0, 0, 0, 0.0)[1], atol=1e-5)
+    assert np.allclose(strip[-1], render_latent_edit(model, b, 0, 0, 0, 0.0)[1], atol=1e-5)
+
+
+def test_latent_heatmaps_and_inspector_controls():
+    from minildm.widgets import build_latent_inspector, latent_heatmaps
+
+    heat = latent_heatmaps(np.stack([np.full((8, 8), -1.0), np.zeros((8, 8)), np.full((8, 8), 2.0)]), 64)
+    assert heat.shape == (64, 192, 3)
+    assert np.allclose(heat[0, 0], [0, 0, 1]) and np.allclose(heat[0, 64], [1, 1, 1]) and np.allclose(heat[0, 128], [1, 0, 0])
+    panel = build_latent_inspector(_tiny_autoencoder())
+    before = panel.controls["pictures"].value
+    panel.controls["delta"].value = -5.0
+    assert panel.controls["pictures"].value != before
+    before = panel.controls["strip"].value
+    panel.controls["partner"].value = 7
+    assert panel.controls["strip"].value != before
