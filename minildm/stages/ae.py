@@ -36,8 +36,9 @@ from minildm.metrics import alignment_report, clauses_hold, frechet_distance, ps
 REFERENCE = Path(__file__).resolve().parents[2] / "data" / "checkpoints" / "ae"
 TARGETS = {"psnr": (">=", 30.0), "judge_alignment_gap": ("<=", 0.01)}
 # Small checkpoints of the studies in notebook 01, each made by `minildm train ae --profile cpu`
-# with the `--set` overrides its card records: the loss ablation at the reference's budget, and
-# f = 2, 4, 8 at a short, equal budget.
+# with `--set` overrides (its card holds the command and the whole config): the loss ablation
+# (without the judge-feature term it had 2400 steps, 20% more than the reference: see its card's
+# note), and f = 2, 4, 8 at a short, equal budget of 400 steps.
 _CHECKPOINTS = REFERENCE.parent
 STUDY = {
     "reference (L1 + KL + GAN + judge features)": REFERENCE,
