@@ -20,6 +20,7 @@ import json
 import os
 import shlex
 import sys
+import tempfile
 from pathlib import Path
 
 from minildm.config import PROFILE_NAMES
@@ -39,9 +40,8 @@ def writable_dir(path: str, what: str = "--out") -> Path:
     out = Path(path)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".minildm-write-test"
-        probe.write_text("")
-        probe.unlink()
+        with tempfile.TemporaryFile(dir=out):  # a unique name: several processes may probe at once
+            pass
     except OSError as error:
         raise UserError(f"{what} {path}: cannot write there ({error.strerror or error})") from None
     return out
