@@ -206,7 +206,3 @@ def judge_from_card(card: dict) -> Judge:
     from minildm.config import config_from_dict
 
     return Judge(config_from_dict(JudgeConfig, card["config"]["judge"]))
-
-
-def n_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

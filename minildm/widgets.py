@@ -108,17 +108,17 @@ def build_scene_browser(seed: int = 0, image_size: int = 32, judge=None):
 
 def category_examples(seed: int = 0, per_category: int = 4, image_size: int = 32):
     """A few items of each category: (images (N, H, W, 3), captions) for a grid figure."""
-    images, captions, found = [], [], {c: 0 for c in CATEGORIES}
+    chosen, found = [], {c: 0 for c in CATEGORIES}  # chosen: (category rank, image, caption)
     index = 0
     while min(found.values()) < per_category:
         item = render_item(seed, index, ShapesConfig(image_size=image_size))
         category = item["scene"].category
         if found[category] < per_category:
             found[category] += 1
-            images.append((CATEGORIES.index(category), item["image"], item["caption"]))
+            chosen.append((CATEGORIES.index(category), item["image"], item["caption"]))
         index += 1
-    images.sort(key=lambda t: t[0])
-    return np.stack([t[1] for t in images]), [t[2] for t in images]
+    chosen.sort(key=lambda t: t[0])
+    return np.stack([t[1] for t in chosen]), [t[2] for t in chosen]
 
 
 # ------------------------------------------------------------------------------------------
