@@ -17,6 +17,7 @@ import statistics
 import time
 
 import torch
+from accelerate.utils import send_to_device
 
 from minildm.config import get_profile
 
@@ -55,16 +56,6 @@ def training_step_fn(task, batch, device_type: str, dtype: torch.dtype | None):
     return step
 
 
-def _to(batch, device):
-    if torch.is_tensor(batch):
-        return batch.to(device)
-    if isinstance(batch, dict):
-        return {k: _to(v, device) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_to(v, device) for v in batch)
-    return batch
-
-
 def _speedup(task, batch, device: str) -> tuple[float, float]:
     t_fp32 = _median_time(training_step_fn(task, batch, device, None))
     t_bf16 = _median_time(training_step_fn(task, batch, device, torch.bfloat16))
@@ -84,7 +75,7 @@ def run_bench(profile_name: str = "cpu", device: str | None = None) -> dict:
     judge_cfg = profile.judge_train
     judge_task = JudgeTask(profile.judge, profile.shapes, judge_cfg.batch_size)
     judge_task.model.to(device)
-    judge_batch = _to(judge_task.batch(0, 0, 1), device)
+    judge_batch = send_to_device(judge_task.batch(0, 0, 1), device)
     t_render = _median_time(lambda: judge_task.batch(1, 0, 1))
     judge_fp32, judge_bf16 = _speedup(judge_task, judge_batch, device)
     with torch.no_grad():
@@ -96,7 +87,7 @@ def run_bench(profile_name: str = "cpu", device: str | None = None) -> dict:
                               0, reference_judge)
     ae_task.model.to(device)
     ae_task.critic.to(device)
-    ae_batch = _to(ae_task.batch(profile.ae.disc_start, 0, 1), device)  # GAN switched on
+    ae_batch = send_to_device(ae_task.batch(profile.ae.disc_start, 0, 1), device)  # GAN switched on
     ae_fp32, ae_bf16 = _speedup(ae_task, ae_batch, device)
 
     return {

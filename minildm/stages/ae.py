@@ -138,7 +138,7 @@ def train(profile: Profile, out: str, *, resume=False, steps=None, device=None, 
     card["scale_factor"] = model.measure_scale_factor(calibration[:SCALE_FACTOR_IMAGES],
                                                       torch.Generator().manual_seed(train_cfg.seed))
     atomic_write_file(Path(out) / WEIGHTS, lambda path: save_tensors(path, model.state_dict()))
-    card["metrics"] = evaluate(model, profile.train_eval_n) if cfg.image_size in (32, 64) else {}
+    card["metrics"] = evaluate(model, profile.train_eval_n, judge=judge) if cfg.image_size in (32, 64) else {}
     atomic_write_file(Path(out) / CARD, lambda path: save_json(path, card))
     return card
 
@@ -193,7 +193,6 @@ def evaluate(model: AutoencoderKL, n: int = 1000, seed: int = EVAL_SEED, judge=N
     reads_original, reads_recon = judge.read(images), judge.read(reconstructions)
     original = alignment_report([clauses_hold(c, r) for c, r in zip(clauses, reads_original)], categories)
     recon = alignment_report([clauses_hold(c, r) for c, r in zip(clauses, reads_recon)], categories)
-    scores = [judge_stage.object_scores(s, r) for s, r in zip(scenes, reads_recon)]
     latents = torch.cat([model.encode(images[i:i + 250], sample=True, generator=torch.Generator().manual_seed(i))
                          for i in range(0, n, 250)])
     features_original = judge.features(images).numpy()
@@ -206,7 +205,7 @@ def evaluate(model: AutoencoderKL, n: int = 1000, seed: int = EVAL_SEED, judge=N
         "judge_alignment_recon": recon["alignment"],
         "judge_alignment_gap": original["alignment"] - recon["alignment"],
         "judge_alignment_recon_by_category": recon["alignment_by_category"],
-        "judge_attribute_accuracy_recon": float(np.mean([v for sc in scores for vs in sc.values() for v in vs])),
+        "judge_attribute_accuracy_recon": judge_stage.attribute_accuracy(scenes, reads_recon),
         "rfid": frechet_distance(features_recon, features_original),
         "scale_factor": float(model.scale_factor),
         "latent_std": float(latents.std()),

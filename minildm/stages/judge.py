@@ -98,6 +98,11 @@ def object_scores(scene, read) -> dict[str, list[bool]]:
     return out
 
 
+def attribute_accuracy(scenes, reads) -> float:
+    """Over every object and each of its cell, shape, colour and size: the fraction read right."""
+    return float(np.mean([v for s, r in zip(scenes, reads) for vs in object_scores(s, r).values() for v in vs]))
+
+
 def evaluate(judge: Judge, n: int = 1000, seed: int = EVAL_SEED) -> dict:
     """The judge's figures on ``n`` held-out renders (see the module docstring)."""
     if n < 4:
@@ -150,6 +155,5 @@ def accuracy_under_blur(judge: Judge, sigmas=(0.0, 0.5, 1.0, 1.5, 2.0), n: int =
     curve = {}
     for sigma in sigmas:
         blurred = gaussian_blur(images, torch.full((n,), float(sigma))) if sigma > 0 else images
-        scores = [object_scores(s, r) for s, r in zip(scenes, judge.read(blurred))]
-        curve[float(sigma)] = float(np.mean([v for sc in scores for vs in sc.values() for v in vs]))
+        curve[float(sigma)] = attribute_accuracy(scenes, judge.read(blurred))
     return curve
