@@ -72,6 +72,22 @@ class AutoencoderConfig:
 
 
 @dataclass(frozen=True)
+class ClipConfig:
+    """The tiny CLIP (``minildm.encoders``): two small transformers and their projections."""
+
+    image_size: int = 32
+    patch_size: int = 4  # 32 px → 8×8 = 64 patches (+ the class token)
+    vision_width: int = 64
+    vision_layers: int = 3
+    text_width: int = 64
+    text_layers: int = 3
+    heads: int = 4
+    projection_dim: int = 64
+    max_length: int = 32  # tokens, <bos> and <eos> included (the longest full caption has 28)
+    full_caption_prob: float = 0.75  # per training pair: the full caption, else the category one
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """One training run of any stage (``minildm.train``)."""
 
@@ -96,6 +112,8 @@ class Profile:
     judge_train: TrainConfig
     ae: AutoencoderConfig
     ae_train: TrainConfig
+    clip: ClipConfig
+    clip_train: TrainConfig
     eval_n: int  # held-out renders scored by `minildm eval`
     train_eval_n: int  # renders scored at the end of `minildm train` for the card
     extras: dict = field(default_factory=dict)
@@ -115,6 +133,10 @@ def _smoke() -> Profile:
         ae=AutoencoderConfig(image_size=size, channels=8, disc_channels=8, disc_start=10, perceptual_weight=1.0),
         ae_train=TrainConfig(steps=20, batch_size=8, lr=1e-3, betas=(0.5, 0.9), warmup_steps=2,
                              ema_decay=0.9, checkpoint_every=10),
+        clip=ClipConfig(image_size=size, vision_width=16, vision_layers=1, text_width=16, text_layers=1,
+                        heads=2, projection_dim=16),
+        clip_train=TrainConfig(steps=20, batch_size=16, lr=2e-3, warmup_steps=5, ema_decay=0.9,
+                               checkpoint_every=10),
         eval_n=64,
         train_eval_n=64,
     )
@@ -131,6 +153,9 @@ def _cpu() -> Profile:
         ae=AutoencoderConfig(image_size=size, channels=32, disc_start=1000, perceptual_weight=1.0),
         ae_train=TrainConfig(steps=2000, batch_size=32, lr=1e-3, betas=(0.5, 0.9), warmup_steps=100,
                              ema_decay=0.999, mixed_precision="bf16", checkpoint_every=500),
+        clip=ClipConfig(image_size=size),
+        clip_train=TrainConfig(steps=1400, batch_size=128, lr=3e-3, betas=(0.9, 0.98), warmup_steps=100,
+                               ema_decay=0.995, mixed_precision="bf16", checkpoint_every=500),
         eval_n=1000,
         train_eval_n=1000,
     )
@@ -147,6 +172,10 @@ def _gpu() -> Profile:
         ae=AutoencoderConfig(image_size=size, channels=64, disc_channels=64, disc_start=3000),
         ae_train=TrainConfig(steps=6000, batch_size=64, lr=5e-4, betas=(0.5, 0.9), warmup_steps=200,
                              ema_decay=0.999, mixed_precision="bf16", checkpoint_every=1000),
+        clip=ClipConfig(image_size=size, patch_size=8, vision_width=128, vision_layers=4, text_width=128,
+                        text_layers=4, projection_dim=128),
+        clip_train=TrainConfig(steps=4000, batch_size=256, lr=2e-3, betas=(0.9, 0.98), warmup_steps=200,
+                               ema_decay=0.995, mixed_precision="bf16", checkpoint_every=1000),
         eval_n=1000,
         train_eval_n=1000,
     )

@@ -77,3 +77,42 @@ def alignment_report(correct: Iterable[bool], categories: Iterable[str]) -> dict
     per = {c: float(np.mean(v)) for c, v in sorted(by_category.items())}
     return {"alignment": float(np.mean(list(per.values()))) if per else float("nan"),
             "alignment_by_category": per}
+
+
+def retrieval_top1(similarity: torch.Tensor, texts: Sequence[str]) -> dict[str, float]:
+    """Top-1 retrieval both ways from a (texts × images) similarity matrix, where text i is the
+    caption of image i. A retrieved item counts as right when its caption's text equals the true
+    one (two scenes may share a caption; either is then right), as in CLIP's evaluations."""
+    texts = list(texts)
+    best_image = similarity.argmax(dim=1).tolist()  # for each caption, the image it retrieves
+    best_text = similarity.argmax(dim=0).tolist()  # for each image, the caption it retrieves
+    return {"text_to_image_top1": float(np.mean([texts[j] == texts[i] for i, j in enumerate(best_image)])),
+            "image_to_text_top1": float(np.mean([texts[j] == texts[i] for i, j in enumerate(best_text)]))}
+
+
+def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
+                 test_y: torch.Tensor, steps: int = 200, weight_decay: float = 1e-3) -> float:
+    """Test accuracy of a linear classifier (multinomial logistic regression) fitted on
+    ``(train_x, train_y)``: how linearly an attribute can be read out of an embedding.
+
+    Features are standardised with the training set's statistics; the fit is L-BFGS on the
+    L2-regularised cross-entropy, deterministic for given data.
+    """
+    mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
+    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+    classes = int(max(train_y.max(), test_y.max())) + 1
+    linear = torch.nn.Linear(train_x.shape[1], classes, dtype=train_x.dtype)
+    torch.nn.init.zeros_(linear.weight), torch.nn.init.zeros_(linear.bias)
+    optimizer = torch.optim.LBFGS(linear.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(linear(train_x), train_y) \
+            + weight_decay * linear.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    with torch.no_grad():
+        return float((linear(test_x).argmax(1) == test_y).float().mean())

@@ -218,3 +218,95 @@ def build_latent_inspector(model, seed: int = 0):
     panel.controls = {"item": item, "channel": channel, "row": row, "col": col, "delta": delta,
                       "partner": partner, "pictures": pictures, "channels": channels, "strip": strip}
     return panel
+
+
+# ------------------------------------------------------------------------------------------
+# The caption explorer (notebook 02): what the tiny CLIP makes of a caption
+# ------------------------------------------------------------------------------------------
+
+def caption_ranking(encoder, caption: str, images, top: int = 6):
+    """Cosine similarity of ``caption`` to each image and the ``top`` best: (scores, order).
+    An unknown word raises :class:`minildm.errors.UserError` naming it."""
+    import torch
+
+    with torch.no_grad():
+        scores = encoder.similarity([caption], images)[0].numpy()
+    return scores, np.argsort(-scores)[:top]
+
+
+def text_attention(encoder, caption: str, layer: int, head: int) -> tuple[np.ndarray, list[str]]:
+    """The text tower's attention weights (L, L) at ``layer``/``head`` for ``caption``, and its
+    tokens. Rows attend to columns; CLIP's text tower is causal, so each word sees only its past
+    — which is why the pooled embedding is read at ``<eos>``, the one token that sees them all."""
+    import torch
+
+    with torch.no_grad():
+        encoding = encoder.encode_text([caption], output_attentions=True)
+    tokens = encoder.tokenizer.convert_ids_to_tokens(encoding.input_ids[0].tolist())
+    return encoding.attentions[layer][0, head].float().numpy(), tokens
+
+
+def _figure_png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def render_caption_view(encoder, caption: str, images, layer: int = 0, head: int = 0, top: int = 6):
+    """(PNG of the best-matching images with their similarity, PNG of the attention map, HTML).
+    An unknown word gives no pictures and the error line as the HTML."""
+    import matplotlib.pyplot as plt
+
+    from minildm.data.datasets import to_numpy
+    from minildm.errors import UserError
+
+    try:
+        scores, order = caption_ranking(encoder, caption, images, top)
+        weights, tokens = text_attention(encoder, caption, layer, head)
+    except UserError as error:
+        return None, None, f"<span style='color:#b00'>{error}</span>"
+    fig, axes = plt.subplots(1, len(order), figsize=(1.6 * len(order), 1.9))
+    for ax, k in zip(np.atleast_1d(axes), order):
+        ax.imshow(to_numpy(images[k]), interpolation="nearest")
+        ax.set_title(f"#{k}  {scores[k]:.2f}", fontsize=8)
+        ax.axis("off")
+    ranking = _figure_png(fig)
+    fig, ax = plt.subplots(figsize=(0.35 * len(tokens) + 1.5, 0.35 * len(tokens) + 1))
+    ax.imshow(weights, cmap="magma", vmin=0, vmax=1)
+    ax.set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=8)
+    ax.set_yticks(range(len(tokens)), tokens, fontsize=8)
+    ax.set_title(f"text tower, layer {layer}, head {head}", fontsize=9)
+    attention = _figure_png(fig)
+    html = (f"<b>{caption}</b>: best match #{order[0]} (similarity {scores[order[0]]:.3f}); "
+            f"mean over the {len(scores)} images {scores.mean():.3f}")
+    return ranking, attention, html
+
+
+def build_caption_explorer(encoder, images, caption: str = "a red circle to the left of a blue square"):
+    """Type a caption; see which images it matches best and how the text tower attends over it."""
+    import ipywidgets as widgets
+
+    config = encoder.clip.config.text_config
+    text = widgets.Text(value=caption, description="caption", continuous_update=False,
+                        layout=widgets.Layout(width="60%"))
+    layer = widgets.IntSlider(value=config.num_hidden_layers - 1, min=0, max=config.num_hidden_layers - 1, description="layer")
+    head = widgets.IntSlider(value=0, min=0, max=config.num_attention_heads - 1, description="head")
+    ranking, attention = widgets.Image(format="png"), widgets.Image(format="png")
+    message = widgets.HTML()
+
+    def update(_change=None):
+        ranking_png, attention_png, html = render_caption_view(encoder, text.value, images, layer.value, head.value)
+        message.value = html
+        if ranking_png is not None:
+            ranking.value, attention.value = ranking_png, attention_png
+
+    for control in (text, layer, head):
+        control.observe(update, names="value")
+    update()
+    panel = widgets.VBox([text, widgets.HBox([layer, head]), message, ranking, attention])
+    panel.controls = {"caption": text, "layer": layer, "head": head, "ranking": ranking,
+                      "attention": attention, "message": message}
+    return panel

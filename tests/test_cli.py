@@ -24,7 +24,7 @@ def test_unknown_stage_names_the_stages():
 
 
 def test_stage_not_built_yet_says_so_in_one_line(tmp_path):
-    line = one_line_error(run_cli("train", "clip", "--profile", "smoke", "--out", str(tmp_path)))
+    line = one_line_error(run_cli("train", "ldm", "--profile", "smoke", "--out", str(tmp_path)))
     assert "not built yet" in line
     assert "not built yet" in one_line_error(run_cli("eval", "paint", "--json"))
 
@@ -83,9 +83,10 @@ def test_course_runs_the_built_stages_and_writes_a_report(tmp_path, capsys):
     assert main(["course", "--profile", "smoke", "--out", str(tmp_path), "--quiet"]) == 0
     assert str(tmp_path / "report.md") in capsys.readouterr().out
     report = json.loads((tmp_path / "report.json").read_text())
-    assert list(report["stages"]) == ["judge", "ae"] and report["profile"] == "smoke"
+    assert list(report["stages"]) == ["judge", "ae", "clip"] and report["profile"] == "smoke"
     assert "attribute_accuracy" in report["stages"]["judge"]["targets"]
     assert "judge_alignment_gap" in report["stages"]["ae"]["targets"]
+    assert "text_to_image_top1" in report["stages"]["clip"]["targets"]
     assert (tmp_path / "judge" / "loss_curve.png").exists() and (tmp_path / "ae" / "loss_curve.png").exists()
     assert "| attribute_accuracy |" in (tmp_path / "report.md").read_text()
 

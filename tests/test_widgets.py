@@ -87,3 +87,25 @@ def test_latent_heatmaps_and_inspector_controls():
     before = panel.controls["strip"].value
     panel.controls["partner"].value = 7
     assert panel.controls["strip"].value != before
+
+
+def test_caption_explorer_ranks_images_and_reports_unknown_words():
+    from minildm.config import get_profile
+    from minildm.data.datasets import shapes_batch
+    from minildm.encoders import tiny_encoder
+    from minildm.widgets import build_caption_explorer, render_caption_view, text_attention
+
+    encoder = tiny_encoder(get_profile("smoke").clip, attention="eager").eval()
+    images, _ = shapes_batch(0, range(8))
+    weights, tokens = text_attention(encoder, "two green crosses", 0, 1)
+    assert tokens == ["<bos>", "two", "green", "crosses", "<eos>"] and weights.shape == (5, 5)
+    assert np.allclose(np.triu(weights, 1), 0), "the text tower is causal"
+    ranking, attention, html = render_caption_view(encoder, "a red circle", images)
+    assert ranking[:4] == b"\x89PNG" and attention[:4] == b"\x89PNG" and "best match" in html
+    panel = build_caption_explorer(encoder, images)
+    controls = panel.controls
+    before = controls["attention"].value
+    controls["caption"].value = "two green crosses"
+    assert controls["attention"].value != before and "two green crosses" in controls["message"].value
+    controls["caption"].value = "a crimson circle"
+    assert "unknown word &#x27;crimson&#x27;" in controls["message"].value or "unknown word 'crimson'" in controls["message"].value
