@@ -4,7 +4,7 @@
 
     minildm train STAGE --profile P --out RUN_DIR [--data SPEC] [--resume] [--steps N] [--device D]
                   [--set SECTION.FIELD=VALUE ...]
-    minildm sample --model RUN_OR_CKPT --prompt TEXT [--steps N] [--guidance S] [--seed N] --out FILE.png
+    minildm sample [--model RUN_OR_CKPT] --prompt TEXT [--steps N] [--guidance S] [--seed N] [--n N] --out FILE.png
     minildm eval STAGE --model RUN_OR_CKPT [--n N] --json
     minildm bench [--json]
     minildm course --profile P --out DIR
@@ -85,16 +85,36 @@ def cmd_eval(args) -> int:
 
     stage = stage_module(args.stage, EVAL_STAGES)
     model, card = stage.load(args.model)
-    n = args.n if args.n is not None else get_profile(card.get("profile", "cpu")).eval_n
+    profile = get_profile(card.get("profile", "cpu"))
+    n = args.n if args.n is not None else getattr(stage, "default_eval_n", lambda p: p.eval_n)(profile)
     print_figures(stage.evaluate(model, n), args.json)
     return 0
 
 
 def cmd_sample(args) -> int:
-    from minildm.stages import BUILT
+    import numpy as np
+    from PIL import Image
 
-    raise UserError("sampling needs a diffusion model (stage ldm), which is not built yet in this "
-                    f"version of minildm; built stages: {' '.join(BUILT)}")
+    from minildm.checkpoints import atomic_write_file
+    from minildm.data.datasets import to_numpy
+    from minildm.stages.ldm import load_pipeline
+
+    if args.paint:
+        raise UserError("--paint needs paint-with-words (stage paint), which is not built yet in this version of minildm")
+    if args.steps < 1 or args.n < 1 or args.upscale < 1:
+        raise UserError("--steps, --n and --upscale must be positive")
+    if not args.out.lower().endswith(".png"):
+        raise UserError(f"--out {args.out}: give a .png file name")
+    writable_dir(str(Path(args.out).resolve().parent))
+    pipeline, card = load_pipeline(args.model, "ldm")
+    images = pipeline([args.prompt] * args.n, steps=args.steps, guidance=args.guidance, seed=args.seed)
+    pictures = to_numpy(images)  # (n, H, W, 3) in [0, 1]
+    strip = np.concatenate(list(pictures), axis=1).repeat(args.upscale, 0).repeat(args.upscale, 1)
+    png = Image.fromarray((strip * 255).round().astype(np.uint8))
+    atomic_write_file(args.out, lambda path: png.save(path, format="PNG"))
+    print(f"{args.n} image(s) of {args.prompt!r} from the {card['stage']} model, {args.steps} DDIM steps, "
+          f"guidance {args.guidance}, seed {args.seed}: {args.out}")
+    return 0
 
 
 def cmd_bench(args) -> int:
@@ -141,13 +161,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(run=cmd_eval)
 
     sample = sub.add_parser("sample", help="generate an image from a prompt")
-    sample.add_argument("--model", required=True)
+    sample.add_argument("--model", default=None, help="run directory or checkpoint of ldm or pixel (default: the reference ldm)")
     sample.add_argument("--prompt", required=True)
-    sample.add_argument("--steps", type=int, default=50)
-    sample.add_argument("--guidance", type=float, default=3.0)
+    sample.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    sample.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale; 1: none (default 3)")
     sample.add_argument("--paint", action="append", default=[], help="WORD=x0,y0,x1,y1 (repeatable)")
     sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--out", required=True)
+    sample.add_argument("--n", type=int, default=1, help="images side by side (default 1)")
+    sample.add_argument("--upscale", type=int, default=8, help="nearest-neighbour enlargement of the PNG (default 8)")
+    sample.add_argument("--out", required=True, help="a .png file")
     sample.set_defaults(run=cmd_sample)
 
     bench = sub.add_parser("bench", help="speed figures, as ratios measured in one run")

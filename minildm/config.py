@@ -85,6 +85,41 @@ class ClipConfig:
     projection_dim: int = 64
     max_length: int = 32  # tokens, <bos> and <eos> included (the longest full caption has 28)
     full_caption_prob: float = 0.75  # per training pair: the full caption, else the category one
+    twin_share: float = 0.0  # share of each batch that is the shape twins of the rest (hard negatives)
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """The denoising UNet (``minildm.unet``) of a diffusion stage."""
+
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 64
+    channel_mult: tuple[int, ...] = (1, 2, 2)  # one resolution level each; all but the last halve
+    num_res_blocks: int = 1
+    attention_levels: tuple[int, ...] = (0, 1)  # levels with a SpatialTransformer (the middle always has one)
+    heads: int = 4
+    transformer_depth: int = 1
+    context_dim: int = 64  # width of the text encoder's token embeddings; 0: no cross-attention
+    concat_channels: int = 0  # spatial conditioning maps stacked onto the input
+    pooled_dim: int = 0  # a pooled embedding added to the timestep embedding; 0: none
+    dropout: float = 0.0
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """A diffusion stage: its UNet, schedule, target and conditioning (``minildm.stages.ldm``)."""
+
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    space: str = "latent"  # "latent": the reference autoencoder's latents; "pixel": images
+    prediction: str = "v"  # "eps" | "v" | "x0"
+    zero_terminal_snr: bool = False
+    cond_drop: float = 0.1  # the share of training samples with the caption dropped (for guidance)
+    train_text_encoder: bool = True  # fine-tune the text tower with the UNet (LDM: cond_stage_trainable)
+    full_caption_prob: float = 0.25  # per training pair: the full caption, else the category one
+    sample_steps: int = 50  # DDIM steps in evaluation
+    guidance: float = 3.0  # classifier-free guidance scale in evaluation
+    samples_per_prompt: int = 2  # images per evaluation prompt
 
 
 @dataclass(frozen=True)
@@ -114,6 +149,10 @@ class Profile:
     ae_train: TrainConfig
     clip: ClipConfig
     clip_train: TrainConfig
+    ldm: DiffusionConfig
+    ldm_train: TrainConfig
+    pixel: DiffusionConfig
+    pixel_train: TrainConfig
     eval_n: int  # held-out renders scored by `minildm eval`
     train_eval_n: int  # renders scored at the end of `minildm train` for the card
     extras: dict = field(default_factory=dict)
@@ -134,11 +173,19 @@ def _smoke() -> Profile:
         ae_train=TrainConfig(steps=20, batch_size=8, lr=1e-3, betas=(0.5, 0.9), warmup_steps=2,
                              ema_decay=0.9, checkpoint_every=10),
         clip=ClipConfig(image_size=size, vision_width=16, vision_layers=1, text_width=16, text_layers=1,
-                        heads=2, projection_dim=16),
+                        heads=2, projection_dim=16, twin_share=0.5),
         clip_train=TrainConfig(steps=20, batch_size=16, lr=2e-3, warmup_steps=5, ema_decay=0.9,
                                checkpoint_every=10),
+        ldm=DiffusionConfig(unet=UNetConfig(model_channels=16, channel_mult=(1, 2), heads=2, context_dim=64),
+                            sample_steps=5),
+        ldm_train=TrainConfig(steps=10, batch_size=8, lr=1e-3, warmup_steps=2, ema_decay=0.9, checkpoint_every=5),
+        pixel=DiffusionConfig(unet=UNetConfig(in_channels=3, out_channels=3, model_channels=16, channel_mult=(1, 2),
+                                              attention_levels=(1,), heads=2, context_dim=64),
+                              space="pixel", sample_steps=5),
+        pixel_train=TrainConfig(steps=10, batch_size=8, lr=1e-3, warmup_steps=2, ema_decay=0.9, checkpoint_every=5),
         eval_n=64,
         train_eval_n=64,
+        extras={"cache_size": 64, "diffusion_eval_n": 12, "progress_eval_n": 6},
     )
 
 
@@ -153,11 +200,24 @@ def _cpu() -> Profile:
         ae=AutoencoderConfig(image_size=size, channels=32, disc_start=1000, perceptual_weight=1.0),
         ae_train=TrainConfig(steps=2000, batch_size=32, lr=1e-3, betas=(0.5, 0.9), warmup_steps=100,
                              ema_decay=0.999, mixed_precision="bf16", checkpoint_every=500),
-        clip=ClipConfig(image_size=size),
-        clip_train=TrainConfig(steps=1400, batch_size=128, lr=3e-3, betas=(0.9, 0.98), warmup_steps=100,
+        clip=ClipConfig(image_size=size, twin_share=0.25),
+        clip_train=TrainConfig(steps=1600, batch_size=128, lr=3e-3, betas=(0.9, 0.98), warmup_steps=100,
                                ema_decay=0.995, mixed_precision="bf16", checkpoint_every=500),
+        ldm=DiffusionConfig(unet=UNetConfig(model_channels=48, channel_mult=(1, 2, 2), attention_levels=(0, 1),
+                                            heads=4, context_dim=64)),
+        ldm_train=TrainConfig(steps=3000, batch_size=128, lr=1e-3, warmup_steps=200, ema_decay=0.999,
+                              mixed_precision="bf16", checkpoint_every=400),
+        # the same UNet on 32×32×3 pixels: one more level, so that attention sits at the same 8×8 and 4×4
+        pixel=DiffusionConfig(unet=UNetConfig(in_channels=3, out_channels=3, model_channels=48,
+                                              channel_mult=(1, 2, 2, 2), attention_levels=(2, 3), heads=4,
+                                              context_dim=64), space="pixel"),
+        # equal wall clock with the latent run: a pixel step measured about 8 s on this CPU (under load),
+        # a latent one 0.4 s, so about 240 steps fit its 20 minutes; the reference run is still to be made
+        pixel_train=TrainConfig(steps=240, batch_size=128, lr=1e-3, warmup_steps=20, ema_decay=0.99,
+                                mixed_precision="bf16", checkpoint_every=60),
         eval_n=1000,
         train_eval_n=1000,
+        extras={"cache_size": 40_000, "diffusion_eval_n": 656, "progress_eval_n": 120, "pixel_eval_n": 120},
     )
 
 
@@ -173,11 +233,21 @@ def _gpu() -> Profile:
         ae_train=TrainConfig(steps=6000, batch_size=64, lr=5e-4, betas=(0.5, 0.9), warmup_steps=200,
                              ema_decay=0.999, mixed_precision="bf16", checkpoint_every=1000),
         clip=ClipConfig(image_size=size, patch_size=8, vision_width=128, vision_layers=4, text_width=128,
-                        text_layers=4, projection_dim=128),
+                        text_layers=4, projection_dim=128, twin_share=0.5),
         clip_train=TrainConfig(steps=4000, batch_size=256, lr=2e-3, betas=(0.9, 0.98), warmup_steps=200,
                                ema_decay=0.995, mixed_precision="bf16", checkpoint_every=1000),
+        ldm=DiffusionConfig(unet=UNetConfig(model_channels=128, channel_mult=(1, 2, 2), attention_levels=(0, 1),
+                                            heads=8, context_dim=128)),
+        ldm_train=TrainConfig(steps=8000, batch_size=256, lr=5e-4, warmup_steps=500, ema_decay=0.9995,
+                              mixed_precision="bf16", checkpoint_every=1000),
+        pixel=DiffusionConfig(unet=UNetConfig(in_channels=3, out_channels=3, model_channels=128,
+                                              channel_mult=(1, 2, 2, 2), attention_levels=(2, 3), heads=8,
+                                              context_dim=128), space="pixel"),
+        pixel_train=TrainConfig(steps=8000, batch_size=256, lr=5e-4, warmup_steps=500, ema_decay=0.9995,
+                                mixed_precision="bf16", checkpoint_every=1000),
         eval_n=1000,
         train_eval_n=1000,
+        extras={"cache_size": 100_000, "diffusion_eval_n": 656, "progress_eval_n": 240},
     )
 
 
@@ -206,13 +276,16 @@ def default_profile_name() -> str:
 
 def config_from_dict(cls, values: dict):
     """Rebuild a (possibly nested) config dataclass from ``dataclasses.asdict`` output."""
+    import typing
+
+    hints = typing.get_type_hints(cls)  # resolves the string annotations of `from __future__`
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in values:
             continue
         value = values[f.name]
-        if dataclasses.is_dataclass(f.type) if not isinstance(f.type, str) else False:
-            value = config_from_dict(f.type, value)
+        if dataclasses.is_dataclass(hints[f.name]):
+            value = config_from_dict(hints[f.name], value)
         elif isinstance(value, list):
             value = tuple(value)
         kwargs[f.name] = value
@@ -223,27 +296,36 @@ def with_overrides(profile: Profile, assignments: list[str]) -> Profile:
     """The profile with ``SECTION.FIELD=VALUE`` assignments applied (``--set`` on the CLI).
 
     ``VALUE`` is read as JSON when it parses (numbers, lists, true/false), else as a string:
-    ``ae.disc_start=1000000`` turns the autoencoder's GAN off, ``ae.channel_mult=[1,2]`` makes f = 2.
+    ``ae.disc_start=1000000`` turns the autoencoder's GAN off, ``ae.channel_mult=[1,2]`` makes f = 2,
+    ``ldm.unet.model_channels=96`` reaches into a nested config.
     """
     import json
 
     from minildm.errors import UserError
 
+    def replace(config, path: list[str], value, assignment: str, where: str):
+        names = [f.name for f in dataclasses.fields(config)]
+        if path[0] not in names:
+            raise UserError(f"--set {assignment}: {where} has no field {path[0]!r}; fields: {', '.join(names)}")
+        if len(path) > 1:
+            inner = getattr(config, path[0])
+            if not dataclasses.is_dataclass(inner):
+                raise UserError(f"--set {assignment}: {where}.{path[0]} has no fields")
+            value = replace(inner, path[1:], value, assignment, f"{where}.{path[0]}")
+        return dataclasses.replace(config, **{path[0]: value})
+
     for assignment in assignments:
         key, sep, raw = assignment.partition("=")
-        section_name, _, field_name = key.partition(".")
+        section_name, _, field_path = key.partition(".")
         sections = [f.name for f in dataclasses.fields(profile) if dataclasses.is_dataclass(getattr(profile, f.name))]
-        if not sep or section_name not in sections:
+        if not sep or section_name not in sections or not field_path:
             raise UserError(f"--set {assignment}: expected SECTION.FIELD=VALUE with SECTION one of: {', '.join(sections)}")
-        section = getattr(profile, section_name)
-        names = [f.name for f in dataclasses.fields(section)]
-        if field_name not in names:
-            raise UserError(f"--set {assignment}: {section_name} has no field {field_name!r}; fields: {', '.join(names)}")
         try:
             value = json.loads(raw)
         except json.JSONDecodeError:
             value = raw
         if isinstance(value, list):
             value = tuple(value)
-        profile = dataclasses.replace(profile, **{section_name: dataclasses.replace(section, **{field_name: value})})
+        section = replace(getattr(profile, section_name), field_path.split("."), value, assignment, section_name)
+        profile = dataclasses.replace(profile, **{section_name: section})
     return profile

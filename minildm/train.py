@@ -100,6 +100,12 @@ class TrainingTask(Protocol):
         """The critic's loss on ``batch`` (after the model's step on it), or None to skip the
         step (a GAN discriminator before it is switched on)."""
 
+    # Optional: a quick measurement of the EMA model at every checkpoint, kept in the card's
+    # ``progress`` as [step, training seconds, {name: value}] — e.g. how alignment grows with
+    # training. Its time is not counted in the training wall clock.
+    def progress_eval(self, ema_model: torch.nn.Module) -> dict[str, float]:
+        """Figures of the EMA model at a checkpoint."""
+
 
 def lr_multiplier(step: int, cfg: TrainConfig) -> float:
     """Learning-rate factor at ``step``: linear warm-up, then cosine decay from 1 to 0.1."""
@@ -173,11 +179,13 @@ def train(task: TrainingTask, cfg: TrainConfig, out_dir: str | Path, *, resume: 
         critic_optimizer = torch.optim.Adam(critic.parameters(), lr=task.critic_lr, betas=task.critic_betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_multiplier, cfg=cfg))
     history: dict[str, list[float]] = {"loss": []}
+    progress: list = []  # [step, training seconds, figures] from task.progress_eval
     start, wall_before = 0, 0.0
     if resume:
         state = _load_training_state(out_dir / CHECKPOINT_DIR, task, cfg, accelerator,
                                      model, ema, optimizer, scheduler, critic, critic_optimizer)
         start, history, wall_before = state["step"], state["history"], state["wall_time_s"]
+        progress = state.get("progress", [])
 
     # prepare(): DDP wrapper when world_size > 1, autocast around forward, grad scaler for fp16.
     # The scheduler stays unprepared: Accelerate would step it once per process.
@@ -186,13 +194,14 @@ def train(task: TrainingTask, cfg: TrainConfig, out_dir: str | Path, *, resume: 
     if critic is not None:
         ddp_critic, ddp_critic_optimizer = accelerator.prepare(critic, critic_optimizer)
         ddp_critic.train()
-    card_of = partial(_card, task, cfg, accelerator, command=command, extra_card=extra_card)
+    card_of = partial(_card, task, cfg, accelerator, command=command, extra_card=extra_card, progress=progress)
     bar = tqdm(total=cfg.steps, initial=start, desc=f"train {task.stage}", dynamic_ncols=True,
                disable=not _show_progress(progress, accelerator.is_main_process))
     session_start = time.perf_counter()
+    measuring = {"seconds": 0.0}  # time spent in progress_eval, left out of the wall clock
 
     def wall() -> float:  # seconds trained in this session and the ones it resumes
-        return wall_before + time.perf_counter() - session_start
+        return wall_before + time.perf_counter() - session_start - measuring["seconds"]
 
     try:
         for step in range(start, cfg.steps):
@@ -221,6 +230,8 @@ def train(task: TrainingTask, cfg: TrainConfig, out_dir: str | Path, *, resume: 
             every = cfg.checkpoint_every
             if accelerator.is_main_process and (done == cfg.steps or every > 0 and done % every == 0):
                 seconds = wall()
+                if getattr(task, "progress_eval", None) is not None:
+                    progress.append([done, round(seconds, 2), _measure(task, ema.module, measuring)])
                 _save_training_state(out_dir / CHECKPOINT_DIR, card_of(done, history, seconds),
                                      history, seconds, model, ema, optimizer, scheduler, accelerator,
                                      critic, critic_optimizer)
@@ -249,6 +260,20 @@ def is_main_process() -> bool:
 
 
 # ------------------------------------------------------------------------------------ the pieces
+def _measure(task, ema_model: torch.nn.Module, measuring: dict) -> dict:
+    """``task.progress_eval`` on the EMA model, in eval mode and without gradients, timed."""
+    started = time.perf_counter()
+    was_training = ema_model.training
+    ema_model.eval()
+    try:
+        with torch.no_grad():
+            figures = _jsonable(task.progress_eval(ema_model))
+    finally:
+        ema_model.train(was_training)
+        measuring["seconds"] += time.perf_counter() - started
+    return figures
+
+
 def _critic_step(task, critic, optimizer, batch, accelerator: Accelerator) -> dict[str, float]:
     """One step of the critic on ``task.critic_loss`` (nothing when it returns None)."""
     critic.requires_grad_(True)
@@ -346,7 +371,7 @@ def _peak_memory_mb(device: torch.device) -> float | None:
 
 def _card(task: TrainingTask, cfg: TrainConfig, accelerator: Accelerator, steps: int,
           history: dict[str, list[float]], wall_time_s: float, *, command: str | None,
-          extra_card: dict | None, steps_per_s: float | None = None) -> dict:
+          extra_card: dict | None, progress: list | None = None, steps_per_s: float | None = None) -> dict:
     curve = loss_curve(history["loss"])
     card = {
         "stage": task.stage,
@@ -365,6 +390,7 @@ def _card(task: TrainingTask, cfg: TrainConfig, accelerator: Accelerator, steps:
         "final_loss": curve[-1][1] if curve else None,
         "stat_curves": {name: loss_curve(values) for name, values in history.items() if name != "loss"},
         "torch_version": torch.__version__,
+        "progress": list(progress or []),
         "metrics": {},
     }
     card.update(extra_card or {})
@@ -378,7 +404,7 @@ def _save_training_state(folder: Path, card: dict, history: dict, wall_time_s: f
     optimizer_tensors, optimizer_skeleton = optimizer_state_to_tensors(optimizer.state_dict())
     state = {
         "stage": card["stage"], "config": card["config"], "step": card["steps"],
-        "wall_time_s": wall_time_s, "history": history,
+        "wall_time_s": wall_time_s, "history": history, "progress": card.get("progress", []),
         "ema_updates": int(ema.n_averaged), "scheduler": scheduler.state_dict(),
         "optimizer": optimizer_skeleton,
         "grad_scaler": accelerator.scaler.state_dict() if accelerator.scaler else None,

@@ -310,3 +310,132 @@ def build_caption_explorer(encoder, images, caption: str = "a red circle to the 
     panel.controls = {"caption": text, "layer": layer, "head": head, "ranking": ranking,
                       "attention": attention, "message": message}
     return panel
+
+
+# ------------------------------------------------------------------------------------------
+# Sampling inspectors (notebook 03): the trajectory of a sample, and its cross-attention maps
+# ------------------------------------------------------------------------------------------
+
+def sampling_trajectory(pipeline, prompt: str, steps: int = 50, guidance: float = 3.0, seed: int = 0,
+                        record_attention: bool = True) -> dict:
+    """Sample one image and keep every step: ``timesteps``, ``x_t`` and ``x0`` (the sample's space),
+    ``decoded_x0`` (images of the predicted x0 at each step), the final ``image``, and (when asked)
+    cross-attention ``maps``: {layer: (steps, heads, H·W, L)} for the conditional half of the batch,
+    with the prompt's ``tokens``."""
+    import torch
+
+    from minildm.attention import AttentionStore, install_hook
+
+    timesteps, xs, x0s = [], [], []
+
+    def keep(i, t, x_t, x0):
+        timesteps.append(int(t)), xs.append(x_t[0].cpu()), x0s.append(x0[0].cpu())
+
+    store = AttentionStore() if record_attention else None
+    install_hook(pipeline.unet, store)
+    try:
+        final = pipeline.sample_latents([prompt], steps=steps, guidance=guidance, seed=seed, callback=keep)
+    finally:
+        install_hook(pipeline.unet, None)
+    with torch.no_grad():
+        decoded = pipeline.decode(torch.stack(x0s)).cpu()
+        image = pipeline.decode(final).cpu()[0]
+    out = {"timesteps": timesteps, "x_t": torch.stack(xs), "x0": torch.stack(x0s), "decoded_x0": decoded, "image": image}
+    if store is not None:
+        conditional = 1 if guidance != 1.0 else 0  # guided batches are [unconditional, conditional]
+        out["maps"] = {name: torch.stack([m[conditional] for m in calls]) for name, calls in store.maps.items()}
+        ids = pipeline.encoder.tokenize(prompt)["input_ids"][0].tolist()
+        out["tokens"] = pipeline.encoder.tokenizer.convert_ids_to_tokens(ids)
+    return out
+
+
+def latent_preview(x) -> np.ndarray:
+    """A (C, h, w) latent (or a 3-channel image) as a picture: its first three channels,
+    each scaled to [0, 1]."""
+    x = x[:3].float()
+    lo, hi = x.amin(dim=(1, 2), keepdim=True), x.amax(dim=(1, 2), keepdim=True)
+    return ((x - lo) / (hi - lo + 1e-8)).permute(1, 2, 0).numpy()
+
+
+def attention_overlay(image: np.ndarray, attention: np.ndarray, alpha: float = 0.6) -> np.ndarray:
+    """An attention map (h, w) over an image (H, W, 3): upsampled to the image, normalised to
+    [0, 1], drawn in red over a greyed image."""
+    factor = image.shape[0] // attention.shape[0]
+    heat = attention.repeat(factor, 0).repeat(factor, 1)
+    heat = (heat - heat.min()) / (heat.max() - heat.min() + 1e-8)
+    grey = image.mean(-1, keepdims=True).repeat(3, -1)
+    red = np.zeros_like(image)
+    red[..., 0] = 1.0
+    return (1 - alpha * heat[..., None]) * grey + alpha * heat[..., None] * red
+
+
+def render_trajectory_step(trajectory: dict, step: int, size: int = 128) -> np.ndarray:
+    """x_t, predicted x0 (in the sample's space) and the decoded predicted x0 at ``step``,
+    side by side, each upscaled to ``size``."""
+    from minildm.data.datasets import to_numpy
+
+    panels = [latent_preview(trajectory["x_t"][step]), latent_preview(trajectory["x0"][step]),
+              to_numpy(trajectory["decoded_x0"][step])]
+    return np.concatenate([upscale(p, size // p.shape[0]) for p in panels], axis=1)
+
+
+def render_attention(trajectory: dict, layer: str, token: int, step: int, size: int = 128) -> np.ndarray:
+    """The cross-attention of ``layer`` at ``step`` to ``token`` (mean over heads), over the final image."""
+    from minildm.data.datasets import to_numpy
+
+    maps = trajectory["maps"][layer][step].mean(0)  # (H·W, L)
+    side = int(round(maps.shape[0] ** 0.5))
+    image = upscale(to_numpy(trajectory["image"]), size // trajectory["image"].shape[-1])
+    return attention_overlay(image, maps[:, token].reshape(side, side).numpy())
+
+
+def build_sampling_inspector(pipeline, prompt: str = "a red circle to the left of a blue square",
+                             steps: int = 50, guidance: float = 3.0, seed: int = 0):
+    """Scrub through the sampling steps of one prompt (x_t · predicted x0 · its decoding), and view
+    the cross-attention to a chosen token in a chosen layer at that step."""
+    import ipywidgets as widgets
+
+    state = {"trajectory": sampling_trajectory(pipeline, prompt, steps, guidance, seed)}
+    layers = sorted(state["trajectory"]["maps"])
+    text = widgets.Text(value=prompt, description="prompt", continuous_update=False, layout=widgets.Layout(width="60%"))
+    seed_box = widgets.IntText(value=seed, description="seed")
+    step = widgets.IntSlider(value=steps - 1, min=0, max=steps - 1, description="step", continuous_update=False)
+    layer = widgets.Dropdown(options=layers, value=layers[0], description="layer")
+    token = widgets.Dropdown(description="token")
+    trajectory_picture, attention_picture = widgets.Image(format="png"), widgets.Image(format="png")
+    message = widgets.HTML()
+
+    def refresh_tokens():
+        tokens = state["trajectory"]["tokens"]
+        token.options = [(f"{k}: {t}", k) for k, t in enumerate(tokens)]
+        token.value = min(2, len(tokens) - 1)
+
+    def draw(_change=None):
+        trajectory = state["trajectory"]
+        trajectory_picture.value = to_png(render_trajectory_step(trajectory, step.value))
+        attention_picture.value = to_png(render_attention(trajectory, layer.value, token.value, step.value))
+        message.value = (f"step {step.value + 1}/{steps}, t = {trajectory['timesteps'][step.value]}: "
+                         "x_t · predicted x₀ · its decoding — and the cross-attention to the chosen token")
+
+    def resample(_change=None):
+        from minildm.errors import UserError
+
+        try:
+            state["trajectory"] = sampling_trajectory(pipeline, text.value, steps, guidance, seed_box.value)
+        except UserError as error:
+            message.value = f"<span style='color:#b00'>{error}</span>"
+            return
+        refresh_tokens()
+        draw()
+
+    refresh_tokens()
+    for control in (step, layer, token):
+        control.observe(draw, names="value")
+    text.observe(resample, names="value")
+    seed_box.observe(resample, names="value")
+    draw()
+    panel = widgets.VBox([widgets.HBox([text, seed_box]), widgets.HBox([step, layer, token]), message,
+                          widgets.HBox([trajectory_picture, attention_picture])])
+    panel.controls = {"prompt": text, "seed": seed_box, "step": step, "layer": layer, "token": token,
+                      "trajectory": trajectory_picture, "attention": attention_picture, "message": message}
+    return panel

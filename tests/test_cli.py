@@ -24,7 +24,7 @@ def test_unknown_stage_names_the_stages():
 
 
 def test_stage_not_built_yet_says_so_in_one_line(tmp_path):
-    line = one_line_error(run_cli("train", "ldm", "--profile", "smoke", "--out", str(tmp_path)))
+    line = one_line_error(run_cli("train", "experts", "--profile", "smoke", "--out", str(tmp_path)))
     assert "not built yet" in line
     assert "not built yet" in one_line_error(run_cli("eval", "paint", "--json"))
 
@@ -68,8 +68,12 @@ def test_eval_prints_one_json_object(capsys):
     assert metrics["n"] == 40
 
 
-def test_sample_says_what_is_missing():
-    assert "not built yet" in one_line_error(run_cli("sample", "--model", "x", "--prompt", "a red circle", "--out", "x.png"))
+def test_sample_mistakes_are_one_line(tmp_path):
+    assert "no checkpoint at" in one_line_error(run_cli("sample", "--model", str(tmp_path / "x"), "--prompt", "a red circle",
+                                                        "--out", str(tmp_path / "x.png")))
+    assert ".png" in one_line_error(run_cli("sample", "--prompt", "a red circle", "--out", str(tmp_path / "x.jpg")))
+    assert "not built yet" in one_line_error(run_cli("sample", "--prompt", "a red circle", "--paint", "red=0,0,1,1",
+                                                     "--out", str(tmp_path / "x.png")))
 
 
 def test_bench_reports_ratios(capsys):
@@ -77,13 +81,16 @@ def test_bench_reports_ratios(capsys):
     figures = json.loads(capsys.readouterr().out)
     assert figures["judge_step_bf16_speedup"] > 0 and figures["ae_step_bf16_speedup"] > 0
     assert 0 < figures["data_share_of_step"] < 1
+    assert figures["unet_step_speed_vs_diffusers"] > 0 and figures["attention_explicit_speed_vs_sdpa"] > 0
+    ours, theirs = figures["unet_parameters_ours_and_diffusers"]
+    assert abs(ours - theirs) / ours < 0.05, "the diffusers UNet is matched to ours"
 
 
 def test_course_runs_the_built_stages_and_writes_a_report(tmp_path, capsys):
     assert main(["course", "--profile", "smoke", "--out", str(tmp_path), "--quiet"]) == 0
     assert str(tmp_path / "report.md") in capsys.readouterr().out
     report = json.loads((tmp_path / "report.json").read_text())
-    assert list(report["stages"]) == ["judge", "ae", "clip"] and report["profile"] == "smoke"
+    assert list(report["stages"]) == ["judge", "ae", "clip", "ldm", "pixel"] and report["profile"] == "smoke"
     assert "attribute_accuracy" in report["stages"]["judge"]["targets"]
     assert "judge_alignment_gap" in report["stages"]["ae"]["targets"]
     assert "text_to_image_top1" in report["stages"]["clip"]["targets"]

@@ -1,6 +1,5 @@
 """The schedule, the targets and the samplers against diffusers' schedulers (ldm.md §4.5)."""
 
-import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler

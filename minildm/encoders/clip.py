@@ -82,14 +82,21 @@ class TextImageEncoder(torch.nn.Module):
     """
 
     def __init__(self, clip, tokenizer, *, image_size: int | None = None, pixel_mean=None,
-                 pixel_std=None, check_words: bool = True, name: str = "tiny-clip"):
+                 pixel_std=None, check_words: bool = True, name: str = "tiny-clip", text_model=None):
         super().__init__()
         self.clip, self.tokenizer, self.check_words, self.name = clip, tokenizer, check_words, name
+        # the text tower encode_text runs: CLIP's own, or one fine-tuned with a UNet (stage 3),
+        # held in a list so that it is not registered twice in the state dict
+        self._text_override = [text_model] if text_model is not None else []
         self.image_size = image_size or clip.config.vision_config.image_size
         mean = torch.tensor(pixel_mean if pixel_mean is not None else [0.5] * 3).view(1, 3, 1, 1)
         std = torch.tensor(pixel_std if pixel_std is not None else [0.5] * 3).view(1, 3, 1, 1)
         self.register_buffer("pixel_mean", mean, persistent=False)
         self.register_buffer("pixel_std", std, persistent=False)
+
+    @property
+    def text_model(self):
+        return self._text_override[0] if self._text_override else self.clip.text_model
 
     @property
     def token_dim(self) -> int:
@@ -109,13 +116,19 @@ class TextImageEncoder(torch.nn.Module):
         return self.clip(input_ids=input_ids, attention_mask=attention_mask,
                          pixel_values=self.pixel_values(images), return_loss=True)
 
+    def with_text_model(self, text_model) -> "TextImageEncoder":
+        """The same encoder with another text tower (e.g. one fine-tuned jointly with a UNet)."""
+        return TextImageEncoder(self.clip, self.tokenizer, image_size=self.image_size,
+                                pixel_mean=self.pixel_mean.flatten().tolist(), pixel_std=self.pixel_std.flatten().tolist(),
+                                check_words=self.check_words, name=self.name, text_model=text_model)
+
     def tokenize(self, captions: list[str] | str) -> dict:
         return tokenize(self.tokenizer, captions, check=self.check_words)
 
     def encode_text(self, captions: list[str] | str, output_attentions: bool = False) -> TextEncoding:
         """Per-token and pooled embeddings of ``captions`` (unknown words: one clear error)."""
         batch = {k: v.to(self.device) for k, v in self.tokenize(captions).items()}
-        out = self.clip.text_model(**batch, output_attentions=output_attentions)
+        out = self.text_model(**batch, output_attentions=output_attentions)
         encoding = TextEncoding(batch["input_ids"], batch["attention_mask"], out.last_hidden_state,
                                 self.clip.text_projection(out.pooler_output))
         if output_attentions:

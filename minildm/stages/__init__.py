@@ -14,7 +14,7 @@ from minildm.errors import UserError
 
 TRAIN_STAGES = ("judge", "ae", "clip", "ldm", "pixel", "experts", "add")
 EVAL_STAGES = TRAIN_STAGES + ("paint",)
-BUILT = ("judge", "ae", "clip")
+BUILT = ("judge", "ae", "clip", "ldm", "pixel")
 
 
 def stage_module(name: str, accepted: tuple[str, ...] = TRAIN_STAGES):

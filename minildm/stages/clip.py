@@ -38,6 +38,8 @@ from minildm.errors import UserError
 from minildm.metrics import linear_probe, retrieval_top1
 
 REFERENCE = Path(__file__).resolve().parents[2] / "data" / "checkpoints" / "clip"
+# the study checkpoint of notebook 02: the same training without shape twins (twin_share 0)
+NO_TWINS = REFERENCE.parent / "clip-no-twins"
 TARGETS = {"text_to_image_top1": (">=", 0.9), "image_to_text_top1": (">=", 0.9)}
 RETRIEVAL_CANDIDATES = 100
 PROBE_FIT, PROBE_TEST = 1000, 500
@@ -45,10 +47,17 @@ PROBE_SEED = EVAL_SEED + 1  # single-object scenes for the attribute probe, apar
 HUB_PREFIX = "hub:"
 
 
-def caption_for_training(scene, seed: int, index: int, full_caption_prob: float) -> str:
-    """The caption paired with item ``index`` in training: a pure function of (seed, index)."""
-    coin = np.random.default_rng([seed, index, 7]).random()
-    return full_caption(scene) if coin < full_caption_prob else category_caption(scene)
+# Hard negatives: each scene's "shape twin" swaps circle ↔ square and triangle ↔ cross for every
+# object (a permutation, so counts and relations stay true). A twin differs from its scene only
+# in the shapes, and both sit in the same batch, so the contrastive loss can only tell them
+# apart by shape — which random batches almost never ask for (notebook 02, section 7).
+SHAPE_TWIN = {"circle": "square", "square": "circle", "triangle": "cross", "cross": "triangle"}
+
+
+def shape_twin(scene):
+    """The scene with every object's shape exchanged by :data:`SHAPE_TWIN`."""
+    return dataclasses.replace(scene, objects=tuple(dataclasses.replace(o, shape=SHAPE_TWIN[o.shape])
+                                                    for o in scene.objects))
 
 
 class ClipTask:
@@ -64,12 +73,19 @@ class ClipTask:
         self.shapes = ShapesConfig(image_size=cfg.image_size)
 
     def batch(self, step: int, rank: int, world_size: int) -> dict:
+        """``per_rank`` pairs; with ``twin_share`` > 0 that share of them are the shape twins
+        of the others (same caption kind), rendered next to them in the same batch."""
         per_rank = self.batch_size // world_size
+        twins = int(round(per_rank * self.cfg.twin_share))
         start = step * self.batch_size + rank * per_rank
-        indices = range(start, start + per_rank)
+        indices = range(start, start + per_rank - twins)
         images, scenes = shapes_batch(self.seed, indices, self.shapes)
-        captions = [caption_for_training(s, self.seed, i, self.cfg.full_caption_prob)
-                    for s, i in zip(scenes, indices)]
+        kinds = [np.random.default_rng([self.seed, i, 7]).random() < self.cfg.full_caption_prob for i in indices]
+        if twins:
+            twin_scenes = [shape_twin(s) for s in scenes[:twins]]
+            twin_images = torch.stack([to_tensor(render(s, self.shapes.supersample)[0]) for s in twin_scenes])
+            images, scenes, kinds = torch.cat([images, twin_images]), scenes + twin_scenes, kinds + kinds[:twins]
+        captions = [full_caption(s) if full else category_caption(s) for s, full in zip(scenes, kinds)]
         return {**self.model.tokenize(captions), "images": images}
 
     def loss(self, model, batch):
@@ -141,6 +157,11 @@ def retrieval(encoder: TextImageEncoder, n: int, caption_fn, seed: int = EVAL_SE
     scores = [retrieval_top1(text[i:i + group] @ image[i:i + group].T, captions[i:i + group])
               for i in range(0, len(captions), group)]
     return {key: float(np.mean([s[key] for s in scores])) for key in scores[0]}
+
+
+def render_scene(scene) -> np.ndarray:
+    """A scene's image as (3, H, W) in [-1, 1] (numpy)."""
+    return to_tensor(render(scene)[0]).numpy()
 
 
 def single_object_scenes(n: int, image_size: int, seed: int = PROBE_SEED):
@@ -249,19 +270,3 @@ def pooled_and_token_similarity(encoder: TextImageEncoder, caption: str, other: 
         raise ValueError("the captions must have the same number of words")
     cosine = torch.nn.functional.cosine_similarity
     return float(cosine(a.pooled.float(), b.pooled.float())), cosine(a.tokens[0].float(), b.tokens[0].float(), dim=-1).numpy()
-
-
-@torch.no_grad()
-def shape_probe_by_size(encoder: TextImageEncoder, fit: int = 2 * PROBE_FIT, test: int = PROBE_TEST) -> dict[str, float]:
-    """The shape probe fitted and tested within each size separately: {size: accuracy}.
-    Against the pooled probe it shows how much of the shape is coded jointly with the size."""
-    images, objects = single_object_scenes(fit + test, encoder.image_size)
-    features = torch.cat([encoder.encode_image(images[i:i + 250]).float() for i in range(0, len(images), 250)])
-    shapes = torch.tensor([SHAPES.index(o.shape) for o in objects])
-    out = {}
-    for size in SIZES:
-        chosen = torch.tensor([o.size == size for o in objects])
-        train_rows = torch.nonzero(chosen[:fit]).flatten()
-        test_rows = fit + torch.nonzero(chosen[fit:]).flatten()
-        out[size] = linear_probe(features[train_rows], shapes[train_rows], features[test_rows], shapes[test_rows])
-    return out

@@ -1,0 +1,87 @@
+"""A trained diffusion model ready to sample: UNet + schedule + text encoder (+ autoencoder).
+
+:class:`DiffusionPipeline` ties the pieces of stages 1–3 together the way LDM does (Sec. 3.3):
+
+    caption ─ tokenizer + text encoder (frozen) ─ per-token embeddings τ(y) ─┐
+    noise z_T ─ DDIM/DDPM with the UNet ε/v-prediction (+ guidance) ─────────┴→ z_0 ─ decoder D ─ image
+
+In pixel space (the baseline of LDM's central claim) there is no autoencoder: the UNet denoises
+the 32×32×3 image itself.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from minildm.config import DiffusionConfig
+from minildm.diffusion import NoiseSchedule
+from minildm.samplers import ClassifierFreeGuidance, ddim_sample, ddpm_sample
+
+
+class DiffusionPipeline:
+    def __init__(self, unet, cfg: DiffusionConfig, encoder, autoencoder=None, image_size: int = 32):
+        self.unet, self.cfg, self.encoder, self.autoencoder = unet.eval(), cfg, encoder.eval(), autoencoder
+        self.schedule = NoiseSchedule(zero_terminal_snr=cfg.zero_terminal_snr)
+        self.image_size = image_size
+        if autoencoder is not None:
+            autoencoder.eval()
+            factor = autoencoder.factor
+            self.sample_shape = (cfg.unet.in_channels, image_size // factor, image_size // factor)
+        else:
+            self.sample_shape = (cfg.unet.in_channels, image_size, image_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    # ------------------------------------------------------------------ conditioning
+    @torch.no_grad()
+    def conditioning(self, captions: list[str]) -> dict:
+        """The UNet's ``cond`` for ``captions``: per-token embeddings and their padding mask."""
+        encoding = self.encoder.encode_text(list(captions))
+        return {"context": encoding.tokens.float().to(self.device), "mask": encoding.attention_mask.to(self.device)}
+
+    @staticmethod
+    def null_like(cond: dict) -> dict:
+        """The dropped condition, as in training: a zero context (its mask kept)."""
+        return {"context": torch.zeros_like(cond["context"]), "mask": cond["mask"]}
+
+    # ------------------------------------------------------------------ sampling
+    def denoiser(self, guidance: float, cond: dict):
+        """The UNet, guided with scale ``guidance`` (1: no guidance), as a sampler's denoiser."""
+        def unet(x, t, c):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cpu"):
+                return self.unet(x, t, c).float()
+        return ClassifierFreeGuidance(unet, guidance, self.null_like(cond))
+
+    @torch.no_grad()
+    def sample_latents(self, captions: list[str], *, steps: int = 50, guidance: float = 3.0, seed: int = 0,
+                       sampler: str = "ddim", eta: float = 0.0, callback=None) -> torch.Tensor:
+        """z_0 (or images, in pixel space) for ``captions``; the noise is a pure function of ``seed``."""
+        cond = self.conditioning(captions)
+        generator = torch.Generator().manual_seed(seed)
+        noise = torch.randn((len(captions), *self.sample_shape), generator=generator).to(self.device)
+        denoiser = self.denoiser(guidance, cond)
+        if sampler == "ddim":
+            return ddim_sample(denoiser, self.schedule, noise, cond, steps=steps, eta=eta, prediction=self.cfg.prediction,
+                               spacing="trailing" if self.cfg.zero_terminal_snr else "leading",
+                               generator=generator, callback=callback)
+        return ddpm_sample(denoiser, self.schedule, noise, cond, steps=steps, prediction=self.cfg.prediction,
+                           generator=generator, callback=callback)
+
+    @torch.no_grad()
+    def decode(self, samples: torch.Tensor) -> torch.Tensor:
+        """Latents → images in [-1, 1] (pixel space: the samples themselves, clamped)."""
+        if self.autoencoder is None:
+            return samples.clamp(-1, 1)
+        return self.autoencoder.decode(samples.to(next(self.autoencoder.parameters()).device)).clamp(-1, 1)
+
+    @torch.no_grad()
+    def __call__(self, captions: list[str], batch_size: int = 128, **kwargs) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] for ``captions`` (see :meth:`sample_latents`)."""
+        seed = kwargs.pop("seed", 0)
+        images = []
+        for k, start in enumerate(range(0, len(captions), batch_size)):
+            chunk = captions[start:start + batch_size]
+            images.append(self.decode(self.sample_latents(chunk, seed=seed + k, **kwargs)).cpu())
+        return torch.cat(images)

@@ -1,0 +1,123 @@
+"""Stage 3: training the latent and pixel diffusion stages, sampling, measuring; the reference."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from minildm.cli import main
+from minildm.config import get_profile, with_overrides
+from minildm.errors import UserError
+from minildm.stages import ldm as ldm_stage
+from minildm.stages import pixel as pixel_stage
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ldm") / "run"
+    profile = with_overrides(get_profile("smoke"), ["ldm_train.steps=30"])
+    return ldm_stage.train(profile, str(out), progress=False), out
+
+
+def test_smoke_training_lowers_the_loss_and_measures_every_category(smoke_run):
+    card, _ = smoke_run
+    losses = [point[1] for point in card["loss_curve"]]
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+    metrics = card["metrics"]
+    for category in ("single_object", "two_object", "counting", "colors", "position", "color_attr"):
+        assert 0 <= metrics["alignment_by_category"][category] <= 1
+    assert metrics["nfe"] == 2 * metrics["steps"] and metrics["images_per_second"] > 0 and metrics["fid"] > 0
+
+
+def test_sampling_is_deterministic_and_the_cli_writes_a_png(smoke_run, tmp_path, capsys):
+    _, out = smoke_run
+    pipeline, _ = ldm_stage.load(out)
+    a = pipeline(["a red circle", "two blue squares"], steps=3, seed=5)
+    b = pipeline(["a red circle", "two blue squares"], steps=3, seed=5)
+    assert a.shape == (2, 3, 32, 32) and torch.equal(a, b) and a.abs().max() <= 1
+    png = tmp_path / "red.png"
+    assert main(["sample", "--model", str(out), "--prompt", "a red circle", "--steps", "3", "--n", "2",
+                 "--upscale", "2", "--out", str(png)]) == 0
+    assert Image.open(png).size == (2 * 32 * 2, 32 * 2)
+    assert main(["sample", "--model", str(out), "--prompt", "a crimson circle", "--out", str(png)]) == 2
+    assert "unknown word 'crimson'" in capsys.readouterr().err
+
+
+def test_training_data_is_a_pure_function_of_the_step():
+    profile = get_profile("smoke")
+    from minildm.stages.clip import load as load_clip
+
+    encoder = load_clip(None)[0]
+    cache = ldm_stage.ItemCache(16, 0, 32, autoencoder=None)
+    task = ldm_stage.DiffusionTask(profile.pixel, cache, encoder, 8, 0, "pixel")
+    first, again = task.batch(5, 0, 1), task.batch(5, 0, 1)
+    for key in first:
+        assert torch.equal(first[key], again[key]), key
+    assert task.model.text is not encoder.text_model, "the text tower trained with the UNet is a copy"
+    epoch = sorted(cache.item_order(range(16)))
+    assert epoch == list(range(16)), "each epoch visits every cached item once"
+    dropped = torch.cat([task.batch(s, 0, 1)["keep"] == 0 for s in range(40)])
+    assert 0.02 < dropped.float().mean() < 0.25, "about 10% of the captions are dropped"
+    context = task.model.context(first["input_ids"], first["mask"])
+    assert context.shape == (8, first["input_ids"].shape[1], encoder.token_dim)
+
+
+def test_the_text_tower_is_fine_tuned_with_the_unet(smoke_run):
+    _, out = smoke_run
+    from minildm.stages.clip import load as load_clip
+
+    pipeline, _ = ldm_stage.load(out)
+    reference = load_clip(None)[0]
+    with torch.no_grad():
+        tuned = pipeline.encoder.encode_text(["a red circle"]).tokens
+        frozen = reference.encode_text(["a red circle"]).tokens
+    assert not torch.allclose(tuned, frozen), "the tower moved during training"
+    assert pipeline.encoder.clip is not None and pipeline.encoder.text_model is not reference.text_model
+
+
+def test_the_pixel_stage_trains_the_same_way(tmp_path):
+    profile = with_overrides(get_profile("smoke"), ["pixel_train.steps=4"])
+    card = pixel_stage.train(profile, str(tmp_path / "pixel"), progress=False)
+    assert card["stage"] == "pixel" and card["config"]["diffusion"]["space"] == "pixel"
+    pipeline, _ = pixel_stage.load(tmp_path / "pixel")
+    assert pipeline.autoencoder is None and pipeline.sample_shape == (3, 32, 32)
+
+
+def test_evaluation_prompts_are_balanced_over_categories():
+    records = ldm_stage.evaluation_prompts(12)
+    categories = [r["category"] for r in records]
+    assert sorted(set(categories)) == sorted(categories[:6]) and all(categories.count(c) == 2 for c in set(categories))
+
+
+def test_colour_swaps_are_recognised():
+    from minildm.data.captions import parse
+    from minildm.judge import ReadObject
+
+    clauses = parse("a red circle and a blue square")
+    swapped = [ReadObject("circle", "blue", "small", 0, 1.0), ReadObject("square", "red", "small", 4, 1.0)]
+    right = [ReadObject("circle", "red", "small", 0, 1.0), ReadObject("square", "blue", "small", 4, 1.0)]
+    assert ldm_stage.colour_swapped(clauses, swapped) and not ldm_stage.colour_swapped(clauses, right)
+
+
+def test_wrong_inputs_are_one_line(tmp_path, capsys):
+    assert main(["train", "ldm", "--profile", "smoke", "--out", str(tmp_path / "r"), "--data", "hub:x/y"]) == 2
+    assert "accept only --data shapes" in capsys.readouterr().err
+    assert main(["train", "ldm", "--profile", "smoke", "--out", str(tmp_path / "r2"), "--set", "ldm.unet.context_dim=32"]) == 2
+    assert "context_dim" in capsys.readouterr().err
+    with pytest.raises(UserError, match="at least 6"):
+        ldm_stage.evaluate(None, n=3)
+
+
+def test_the_reference_card_and_a_quick_eval_from_the_command_line(capsys):
+    _, card = ldm_stage.load(None)
+    assert card["profile"] == "cpu" and card["command"].startswith("minildm train ldm --profile cpu")
+    assert card["metrics"]["alignment_single_object"] >= 0.85 and card["metrics"]["n"] == 656
+    progress = card["progress"]
+    assert progress[0][0] == 400 and progress[-1][0] == 3000
+    assert progress[-1][2]["alignment"] > progress[0][2]["alignment"] + 0.2, "following the prompt grows with training"
+    assert main(["eval", "ldm", "--n", "12", "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["n"] == 12 and metrics["nfe"] == 100 and set(metrics["alignment_by_category"]) == {
+        "single_object", "two_object", "counting", "colors", "position", "color_attr"}
