@@ -53,17 +53,23 @@ def _full(t: int, x: torch.Tensor) -> torch.Tensor:
     return torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
 
 
+def _steps(schedule: NoiseSchedule, steps: int, spacing: str, final_alpha: float | None):
+    """(i, t, ᾱ_t, ᾱ_t′) for each sampled step, t′ the next sampled step; after the last one
+    ᾱ_t′ is ``final_alpha`` (None: ᾱ_0, as CompVis' DDIM)."""
+    acp = schedule.alphas_cumprod
+    timesteps = sampling_timesteps(schedule.steps, steps, spacing)
+    final = acp[0].item() if final_alpha is None else final_alpha
+    for i, t in enumerate(timesteps):
+        yield i, t, acp[t].item(), acp[timesteps[i + 1]].item() if i + 1 < len(timesteps) else final
+
+
 @torch.no_grad()
 def ddim_sample(denoiser: Denoiser, schedule: NoiseSchedule, noise: torch.Tensor, cond=None, *,
                 steps: int = 50, eta: float = 0.0, spacing: str = "leading", prediction: str = "eps",
                 generator: torch.Generator | None = None, callback=None) -> torch.Tensor:
     """Run DDIM from ``noise`` (x_T); returns x_0. ``callback(i, t, x_t, x0_pred)`` sees every step."""
-    acp = schedule.alphas_cumprod
-    timesteps = sampling_timesteps(schedule.steps, steps, spacing)
     x = noise
-    for i, t in enumerate(timesteps):
-        a_t = acp[t].item()
-        a_prev = acp[timesteps[i + 1]].item() if i + 1 < len(timesteps) else acp[0].item()
+    for i, t, a_t, a_prev in _steps(schedule, steps, spacing, final_alpha=None):
         output = denoiser(x, _full(t, x), cond).float()
         x0 = schedule.predicted_x0(prediction, output, x, _full(t, x))
         eps = schedule.predicted_eps(prediction, output, x, _full(t, x))
@@ -82,19 +88,15 @@ def ddpm_sample(denoiser: Denoiser, schedule: NoiseSchedule, noise: torch.Tensor
                 steps: int = 1000, spacing: str = "leading", prediction: str = "eps",
                 generator: torch.Generator | None = None, callback=None) -> torch.Tensor:
     """Ancestral sampling from ``noise``; with ``steps`` < T the posterior spans the stride."""
-    acp = schedule.alphas_cumprod
-    timesteps = sampling_timesteps(schedule.steps, steps, spacing)
     x = noise
-    for i, t in enumerate(timesteps):
-        a_t = acp[t].item()
-        a_prev = acp[timesteps[i + 1]].item() if i + 1 < len(timesteps) else 1.0
+    for i, t, a_t, a_prev in _steps(schedule, steps, spacing, final_alpha=1.0):
         beta = 1 - a_t / a_prev
         output = denoiser(x, _full(t, x), cond).float()
         x0 = schedule.predicted_x0(prediction, output, x, _full(t, x))
         if callback is not None:
             callback(i, t, x, x0)
         mean = (a_prev ** 0.5 * beta / (1 - a_t)) * x0 + ((1 - beta) ** 0.5 * (1 - a_prev) / (1 - a_t)) * x
-        if i + 1 < len(timesteps):
+        if i + 1 < steps:
             variance = max((1 - a_prev) / (1 - a_t) * beta, 1e-20)
             mean = mean + variance ** 0.5 * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         x = mean

@@ -121,3 +121,16 @@ def test_the_reference_card_and_a_quick_eval_from_the_command_line(capsys):
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["n"] == 12 and metrics["nfe"] == 100 and set(metrics["alignment_by_category"]) == {
         "single_object", "two_object", "counting", "colors", "position", "color_attr"}
+
+
+def test_latent_vs_pixel_reads_the_two_cards():
+    latent = {"progress": [[100, 10.0, {"fid": 900.0, "alignment": 0.1}], [200, 20.0, {"fid": 400.0, "alignment": 0.4}]],
+              "metrics": {"images_per_second": 12.0}}
+    pixel = {"progress": [[10, 30.0, {"fid": 950.0, "alignment": 0.0}], [20, 60.0, {"fid": 800.0, "alignment": 0.05}]],
+             "metrics": {"images_per_second": 1.5}}
+    figures = pixel_stage.latent_vs_pixel(latent, pixel)
+    assert figures["time_share_to_pixel_final_fid"] == pytest.approx(20.0 / 60.0)  # 900 > 800, 400 ≤ 800 at 20 s
+    assert figures["sampling_speedup"] == pytest.approx(8.0)
+    assert figures["time_share_to_pixel_final_alignment"] == pytest.approx(10.0 / 60.0)  # 0.1 ≥ 0.05 at 10 s
+    never = {**pixel, "progress": [[20, 60.0, {"fid": 100.0, "alignment": 0.9}]]}
+    assert pixel_stage.latent_vs_pixel(latent, never)["time_share_to_pixel_final_fid"] is None

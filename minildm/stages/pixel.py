@@ -32,3 +32,28 @@ def default_eval_n(profile: Profile) -> int:
 
 def load(path: str | Path | None = None):
     return load_pipeline(path, STAGE)
+
+
+def latent_vs_pixel(latent_card: dict, pixel_card: dict) -> dict:
+    """LDM's central claim, from the two runs' cards (their ``progress`` measurements use the same
+    prompts, sampler settings and number of images):
+
+    * ``time_share_to_pixel_final_fid`` — the training seconds the latent model needed to reach
+      the pixel model's final ``fid``, over the pixel model's training seconds (None: never);
+      ``time_share_to_pixel_final_alignment`` the same for the judge's alignment;
+    * ``sampling_speedup`` — images per second of the latent model over the pixel model
+      (50 guided DDIM steps, decoding included);
+    * the final progress ``fid`` and ``alignment`` of each.
+    """
+    latent, pixel = latent_card["progress"], pixel_card["progress"]
+    target = pixel[-1][2]["fid"]
+    reached = next((seconds for _, seconds, figures in latent if figures["fid"] <= target), None)
+    aligned = next((seconds for _, seconds, figures in latent if figures["alignment"] >= pixel[-1][2]["alignment"]), None)
+    return {
+        "pixel_final_fid": target, "pixel_seconds": pixel[-1][1],
+        "latent_final_fid": latent[-1][2]["fid"], "latent_seconds": latent[-1][1],
+        "pixel_final_alignment": pixel[-1][2]["alignment"], "latent_final_alignment": latent[-1][2]["alignment"],
+        "time_share_to_pixel_final_fid": None if reached is None else reached / pixel[-1][1],
+        "time_share_to_pixel_final_alignment": None if aligned is None else aligned / pixel[-1][1],
+        "sampling_speedup": latent_card["metrics"]["images_per_second"] / pixel_card["metrics"]["images_per_second"],
+    }
