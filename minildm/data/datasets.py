@@ -48,6 +48,13 @@ def shapes_batch(seed: int, indices: Iterable[int], cfg: ShapesConfig = ShapesCo
     return torch.stack([to_tensor(it["image"]) for it in items]), [it["scene"] for it in items]
 
 
+def render_scenes(scenes: Iterable[Scene], supersample: int = 4) -> torch.Tensor:
+    """Any scenes (made, or edited: a shape twin, a single object) as images (B, 3, H, W) in [-1, 1]."""
+    from minildm.data.shapes import render
+
+    return torch.stack([to_tensor(render(scene, supersample)[0]) for scene in scenes])
+
+
 class ShapesDataset(torch.utils.data.Dataset):
     """``n`` items of the shapes world as a torch Dataset (any ``n``: items are computed, not stored).
 

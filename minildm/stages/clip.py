@@ -30,8 +30,8 @@ import torch
 from minildm.checkpoints import load_checkpoint, load_state_into
 from minildm.config import EVAL_SEED, ClipConfig, Profile, ShapesConfig, config_from_dict
 from minildm.data.captions import category_caption, full_caption
-from minildm.data.datasets import shapes_batch, to_tensor
-from minildm.data.shapes import COLOURS, SHAPES, SIZES, make_scene, render
+from minildm.data.datasets import render_scenes, shapes_batch
+from minildm.data.shapes import COLOURS, SHAPES, SIZES, make_scene
 from minildm.encoders.clip import TextImageEncoder, load_hub_encoder, tiny_encoder
 from minildm.encoders.tokenizer import known_words
 from minildm.errors import UserError
@@ -83,7 +83,7 @@ class ClipTask:
         kinds = [np.random.default_rng([self.seed, i, 7]).random() < self.cfg.full_caption_prob for i in indices]
         if twins:
             twin_scenes = [shape_twin(s) for s in scenes[:twins]]
-            twin_images = torch.stack([to_tensor(render(s, self.shapes.supersample)[0]) for s in twin_scenes])
+            twin_images = render_scenes(twin_scenes, self.shapes.supersample)
             images, scenes, kinds = torch.cat([images, twin_images]), scenes + twin_scenes, kinds + kinds[:twins]
         captions = [full_caption(s) if full else category_caption(s) for s, full in zip(scenes, kinds)]
         return {**self.model.tokenize(captions), "images": images}
@@ -137,39 +137,33 @@ def load(path: str | Path | None = None, attention: str = "eager") -> tuple[Text
 
 
 @torch.no_grad()
-def embed(encoder: TextImageEncoder, captions: list[str], images: torch.Tensor, batch_size: int = 250):
-    """Pooled text and image embeddings, L2-normalised, in batches: ((N, P), (N, P))."""
-    text, image = [], []
-    for i in range(0, len(captions), batch_size):
-        text.append(encoder.encode_text(captions[i:i + batch_size]).pooled.float())
-        image.append(encoder.encode_image(images[i:i + batch_size]).float())
-    normalise = torch.nn.functional.normalize
-    return normalise(torch.cat(text), dim=-1), normalise(torch.cat(image), dim=-1)
+def text_embeddings(encoder: TextImageEncoder, captions: list[str], batch_size: int = 250) -> torch.Tensor:
+    """Pooled text embeddings, L2-normalised, in batches: (N, P)."""
+    pooled = [encoder.encode_text(captions[i:i + batch_size]).pooled.float() for i in range(0, len(captions), batch_size)]
+    return torch.nn.functional.normalize(torch.cat(pooled), dim=-1)
 
 
-def retrieval(encoder: TextImageEncoder, n: int, caption_fn, seed: int = EVAL_SEED,
-              candidates: int = RETRIEVAL_CANDIDATES) -> dict[str, float]:
-    """Top-1 retrieval over held-out items 0..n-1 in groups of ``candidates``, averaged."""
-    group = min(candidates, n)
-    images, scenes = shapes_batch(seed, range(n // group * group), ShapesConfig(image_size=encoder.image_size))
-    captions = [caption_fn(s) for s in scenes]
-    text, image = embed(encoder, captions, images)
+@torch.no_grad()
+def image_embeddings(encoder: TextImageEncoder, images: torch.Tensor, batch_size: int = 250,
+                     normalise: bool = True) -> torch.Tensor:
+    """Image embeddings (L2-normalised unless ``normalise=False``), in batches: (N, P)."""
+    out = torch.cat([encoder.encode_image(images[i:i + batch_size]).float() for i in range(0, len(images), batch_size)])
+    return torch.nn.functional.normalize(out, dim=-1) if normalise else out
+
+
+def retrieval(text: torch.Tensor, image: torch.Tensor, captions: list[str], group: int) -> dict[str, float]:
+    """Top-1 retrieval in consecutive groups of ``group`` pairs (each query against the group's
+    candidates), averaged over the groups."""
     scores = [retrieval_top1(text[i:i + group] @ image[i:i + group].T, captions[i:i + group])
               for i in range(0, len(captions), group)]
     return {key: float(np.mean([s[key] for s in scores])) for key in scores[0]}
-
-
-def render_scene(scene) -> np.ndarray:
-    """A scene's image as (3, H, W) in [-1, 1] (numpy)."""
-    return to_tensor(render(scene)[0]).numpy()
 
 
 def single_object_scenes(n: int, image_size: int, seed: int = PROBE_SEED):
     """``n`` held-out one-object scenes, rendered: images (n, 3, H, W) and their objects."""
     cfg = ShapesConfig(image_size=image_size)
     scenes = [make_scene(seed, i, cfg, category="single_object") for i in range(n)]
-    images = torch.stack([to_tensor(render(s, cfg.supersample)[0]) for s in scenes])
-    return images, [s.objects[0] for s in scenes]
+    return render_scenes(scenes, cfg.supersample), [s.objects[0] for s in scenes]
 
 
 @torch.no_grad()
@@ -177,7 +171,7 @@ def attribute_probe(encoder: TextImageEncoder, fit: int = PROBE_FIT, test: int =
     """Linear read-out accuracy of shape, colour, size and position (grid cell) of a lone
     object from the image embedding: what the embedding makes *linearly* available."""
     images, objects = single_object_scenes(fit + test, encoder.image_size)
-    features = torch.cat([encoder.encode_image(images[i:i + 250]).float() for i in range(0, len(images), 250)])
+    features = image_embeddings(encoder, images, normalise=False)
     labels = {"shape": [SHAPES.index(o.shape) for o in objects],
               "colour": [COLOURS.index(o.colour) for o in objects],
               "size": [SIZES.index(o.size) for o in objects],
@@ -194,8 +188,12 @@ def evaluate(encoder: TextImageEncoder, n: int = 1000, seed: int = EVAL_SEED) ->
     if n < 8:
         raise UserError(f"--n {n}: the encoders' evaluation needs at least 8 pairs")
     encoder = encoder.eval()
-    full = retrieval(encoder, n, full_caption, seed)
-    category = retrieval(encoder, n, category_caption, seed)
+    group = min(RETRIEVAL_CANDIDATES, n)
+    images, scenes = shapes_batch(seed, range(n // group * group), ShapesConfig(image_size=encoder.image_size))
+    image = image_embeddings(encoder, images)  # once, for both kinds of caption
+    full_captions, category_captions = [full_caption(s) for s in scenes], [category_caption(s) for s in scenes]
+    full = retrieval(text_embeddings(encoder, full_captions), image, full_captions, group)
+    category = retrieval(text_embeddings(encoder, category_captions), image, category_captions, group)
     return {"n": n, "candidates": min(RETRIEVAL_CANDIDATES, n), **full,
             **{f"{k}_category": v for k, v in category.items()},
             **attribute_probe(encoder)}  # always 1000 + 500 images: cheap, and stable
@@ -249,11 +247,10 @@ def word_swap_sensitivity(encoder: TextImageEncoder, n: int = 200, seed: int = E
     out = {}
     for kind, category in SWAP_CATEGORIES.items():
         scenes = [make_scene(seed, i, cfg, category=category) for i in range(n)]
-        images = torch.stack([to_tensor(render(s, cfg.supersample)[0]) for s in scenes])
+        image = image_embeddings(encoder, render_scenes(scenes, cfg.supersample))
         true = [category_caption(s) for s in scenes]
         swapped = [swap_one_word(c, kind) for c in true]
-        true_text, image = embed(encoder, true, images)
-        swapped_text, _ = embed(encoder, swapped, images)
+        true_text, swapped_text = text_embeddings(encoder, true), text_embeddings(encoder, swapped)
         s_true, s_swapped = (true_text * image).sum(1), (swapped_text * image).sum(1)
         out[kind] = {"preferred": float((s_true > s_swapped).float().mean()),
                      "drop": float((s_true - s_swapped).mean()),

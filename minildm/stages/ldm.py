@@ -98,7 +98,7 @@ class DiffusionTask:
             raise UserError(f"the UNet's context_dim is {cfg.unet.context_dim} but the text encoder's tokens are "
                             f"{encoder.token_dim} wide; set {stage}.unet.context_dim={encoder.token_dim}")
         self.cfg, self.cache, self.encoder, self.batch_size, self.seed, self.stage = cfg, cache, encoder, batch_size, seed, stage
-        self.autoencoder, self.progress_n = autoencoder, progress_n
+        self.autoencoder, self.progress_n, self.judge = autoencoder, progress_n, None
         self.model = TextConditionedUNet(UNet(cfg.unet), copy.deepcopy(encoder.text_model), cfg.train_text_encoder)
         self.schedule = NoiseSchedule(zero_terminal_snr=cfg.zero_terminal_snr)
 
@@ -129,9 +129,13 @@ class DiffusionTask:
         how following the prompt — binding most of all — grows during training."""
         if not self.progress_n:
             return {}
+        from minildm.stages import judge as judge_stage
+
+        if self.judge is None:  # loaded once, for every checkpoint's measurement
+            self.judge = judge_stage.load(None)[0]
         pipeline = DiffusionPipeline(ema_model.unet, self.cfg, self.encoder.with_text_model(ema_model.text),
                                      self.autoencoder, self.cache.image_size)
-        figures = evaluate(pipeline, self.progress_n, steps=20)
+        figures = evaluate(pipeline, self.progress_n, steps=20, judge=self.judge)
         return {k: v for k, v in figures.items() if k.startswith("alignment") and k != "alignment_by_category"
                 or k in ("fid", "colour_swaps")}
 
@@ -139,7 +143,7 @@ class DiffusionTask:
         return {"diffusion": dataclasses.asdict(self.cfg)}
 
 
-def _parts(profile_or_card_space: str, image_size: int):
+def _parts(space: str, image_size: int):
     """The frozen reference encoder, and the reference autoencoder in latent space."""
     from minildm.stages import ae as ae_stage
     from minildm.stages import clip as clip_stage
@@ -147,7 +151,7 @@ def _parts(profile_or_card_space: str, image_size: int):
     encoder = clip_stage.load(None)[0]
     for p in encoder.parameters():
         p.requires_grad_(False)
-    autoencoder = ae_stage.load(None)[0] if profile_or_card_space == "latent" else None
+    autoencoder = ae_stage.load(None)[0] if space == "latent" else None
     if autoencoder is not None and autoencoder.cfg.image_size != image_size:
         raise UserError(f"the reference autoencoder makes {autoencoder.cfg.image_size} px images, this "
                         f"profile {image_size} px; train an autoencoder of that size first")
@@ -237,14 +241,14 @@ def colour_swapped(clauses, read) -> bool:
 
 @torch.no_grad()
 def evaluate(pipeline: DiffusionPipeline, n: int = 656, seed: int = EVAL_SEED, steps: int | None = None,
-             guidance: float | None = None) -> dict:
+             guidance: float | None = None, judge=None) -> dict:
     """Generate ``n`` images for the evaluation prompts and measure them (module docstring)."""
     from minildm.metrics import alignment_report, clauses_hold, frechet_distance
     from minildm.stages import judge as judge_stage
 
     if n < 6:
         raise UserError(f"--n {n}: the diffusion evaluation needs at least 6 images (one per category)")
-    judge = judge_stage.load(None)[0]
+    judge = judge if judge is not None else judge_stage.load(None)[0]
     steps = steps or pipeline.cfg.sample_steps
     guidance = pipeline.cfg.guidance if guidance is None else guidance
     records = evaluation_prompts(n)

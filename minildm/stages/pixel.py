@@ -11,7 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from minildm.config import Profile
-from minildm.stages.ldm import evaluate, load_pipeline, train_diffusion  # noqa: F401  (evaluate: the stage's own)
+from minildm.stages.ldm import evaluate, load_pipeline, train_diffusion
+
+__all__ = ["train", "load", "evaluate", "default_eval_n", "latent_vs_pixel", "REFERENCE", "TARGETS"]
 
 REFERENCE = Path(__file__).resolve().parents[2] / "data" / "checkpoints" / "pixel"
 TARGETS: dict = {}
