@@ -25,7 +25,9 @@ from pathlib import Path
 
 from minildm.config import PROFILE_NAMES
 from minildm.errors import UserError
-from minildm.stages import EVAL_STAGES, TRAIN_STAGES
+from minildm.stages import BASED_STAGES, EVAL_STAGES, TRAIN_STAGES
+
+DEFAULT_PAINT_WEIGHT = 0.5  # the reference LDM's best w' (minildm eval paint)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -69,8 +71,14 @@ def cmd_train(args) -> int:
     writable_dir(args.out)
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps {args.steps}: give a positive number of steps")
+    base = {}
+    if args.base is not None:
+        if args.stage not in BASED_STAGES:
+            raise UserError(f"--base applies to the stages that start from a trained model ({' '.join(BASED_STAGES)}), "
+                            f"not to {args.stage}")
+        base = {"base": args.base}
     card = stage.train(profile, args.out, resume=args.resume, steps=args.steps, device=args.device,
-                       data=args.data, command=_command_line(), progress=not args.quiet)
+                       data=args.data, command=_command_line(), progress=not args.quiet, **base)
     if card is not None:
         print(f"trained {args.stage} for {card['steps']} steps in {card['wall_time_s']:.0f} s; "
               f"weights and card in {args.out}")
@@ -97,17 +105,17 @@ def cmd_sample(args) -> int:
 
     from minildm.checkpoints import atomic_write_file
     from minildm.data.datasets import to_numpy
-    from minildm.stages.ldm import load_pipeline
+    from minildm.stages.ldm import sampling_pipeline
 
-    if args.paint:
-        raise UserError("--paint needs paint-with-words (stage paint), which is not built yet in this version of minildm")
     if args.steps < 1 or args.n < 1 or args.upscale < 1:
         raise UserError("--steps, --n and --upscale must be positive")
     if not args.out.lower().endswith(".png"):
         raise UserError(f"--out {args.out}: give a .png file name")
     writable_dir(str(Path(args.out).resolve().parent))
-    pipeline, card = load_pipeline(args.model, "ldm")
-    images = pipeline([args.prompt] * args.n, steps=args.steps, guidance=args.guidance, seed=args.seed)
+    paint = _paint_regions(args)
+    pipeline, card = sampling_pipeline(args.model)
+    images = pipeline([args.prompt] * args.n, steps=args.steps, guidance=args.guidance, seed=args.seed,
+                      paint=paint, paint_weight=args.paint_weight)
     pictures = to_numpy(images)  # (n, H, W, 3) in [0, 1]
     strip = np.concatenate(list(pictures), axis=1).repeat(args.upscale, 0).repeat(args.upscale, 1)
     png = Image.fromarray((strip * 255).round().astype(np.uint8))
@@ -115,6 +123,25 @@ def cmd_sample(args) -> int:
     print(f"{args.n} image(s) of {args.prompt!r} from the {card['stage']} model, {args.steps} DDIM steps, "
           f"guidance {args.guidance}, seed {args.seed}: {args.out}")
     return 0
+
+
+def _paint_regions(args) -> dict | None:
+    """``--paint PHRASE=BOX|#rrggbb`` (with ``--paint-mask``) → {phrase: region}, or None."""
+    import numpy as np
+    from PIL import Image
+
+    from minildm.paint import parse_paint_argument
+
+    if args.paint_mask and not args.paint:
+        raise UserError("--paint-mask needs --paint PHRASE=#rrggbb for each colour to use")
+    mask_image = None
+    if args.paint_mask:
+        try:
+            mask_image = np.asarray(Image.open(args.paint_mask).convert("RGB"))
+        except OSError as error:
+            raise UserError(f"--paint-mask {args.paint_mask}: cannot read it as an image ({error})") from None
+    regions = dict(parse_paint_argument(text, mask_image) for text in args.paint)
+    return regions or None
 
 
 def cmd_bench(args) -> int:
@@ -145,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="smoke | cpu | gpu (default: $MINILDM_PROFILE, else gpu with CUDA, else cpu)")
     train.add_argument("--out", required=True, help="run directory (weights, card, checkpoints)")
     train.add_argument("--data", default=None, help="shapes (default), an image folder with metadata.jsonl, or hub:OWNER/NAME")
+    train.add_argument("--base", default=None,
+                       help="experts, add: the LDM run to start from (default: the reference ldm)")
     train.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
     train.add_argument("--steps", type=int, default=None, help="total optimisation steps (default: the profile's)")
     train.add_argument("--device", default=None, help="cpu, cuda, cuda:1, … (default: the best available)")
@@ -161,11 +190,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(run=cmd_eval)
 
     sample = sub.add_parser("sample", help="generate an image from a prompt")
-    sample.add_argument("--model", default=None, help="run directory or checkpoint of ldm or pixel (default: the reference ldm)")
+    sample.add_argument("--model", default=None, help="run directory or checkpoint of ldm, pixel or experts (default: the reference ldm)")
     sample.add_argument("--prompt", required=True)
     sample.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     sample.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale; 1: none (default 3)")
-    sample.add_argument("--paint", action="append", default=[], help="WORD=x0,y0,x1,y1 (repeatable)")
+    sample.add_argument("--paint", action="append", default=[], metavar="PHRASE=REGION",
+                        help="paint-with-words: PHRASE=x0,y0,x1,y1 (a box, 0-1, y down) or PHRASE=#rrggbb "
+                             "(a colour of --paint-mask); repeatable")
+    sample.add_argument("--paint-mask", default=None, help="a PNG whose colours mark the painted regions")
+    sample.add_argument("--paint-weight", type=float, default=DEFAULT_PAINT_WEIGHT,
+                        help=f"paint-with-words weight w' (default {DEFAULT_PAINT_WEIGHT})")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--n", type=int, default=1, help="images side by side (default 1)")
     sample.add_argument("--upscale", type=int, default=8, help="nearest-neighbour enlargement of the PNG (default 8)")

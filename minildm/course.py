@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from minildm.config import Profile
-from minildm.stages import BUILT, stage_module
+from minildm.stages import BASED_STAGES, BUILT, TRAIN_STAGES, stage_module
 
 
 def check_targets(metrics: dict, targets: dict) -> dict:
@@ -33,11 +33,15 @@ def run_course(profile: Profile, out: Path, progress: bool = True) -> Path:
     results = {"profile": profile.name, "stages": {}}
     lines = [f"# minildm course report — profile `{profile.name}`", ""]
     for name in BUILT:
+        if name not in TRAIN_STAGES:  # an evaluation of a trained model (paint-with-words)
+            lines += _evaluate_only(name, profile, out, results)
+            continue
         stage = stage_module(name)
         run_dir = out / name
         start = time.time()
+        based = {"base": str(out / "ldm")} if name in BASED_STAGES else {}  # the course's own LDM
         card = stage.train(profile, str(run_dir), command=f"minildm course --profile {profile.name}",
-                           progress=progress, resume=(run_dir / "checkpoint").exists())
+                           progress=progress, resume=(run_dir / "checkpoint").exists(), **based)
         metrics = card["metrics"]
         checks = check_targets(metrics, getattr(stage, "TARGETS", {}))
         try:
@@ -60,3 +64,22 @@ def run_course(profile: Profile, out: Path, progress: bool = True) -> Path:
     (out / "report.json").write_text(json.dumps(results, indent=2))
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return out / "report.md"
+
+
+def _evaluate_only(name: str, profile: Profile, out: Path, results: dict) -> list[str]:
+    """A stage that trains nothing: measured on the course's own LDM."""
+    from minildm.checkpoints import save_json
+
+    stage = stage_module(name, BUILT)
+    start = time.time()
+    model, _ = stage.load(out / "ldm")
+    metrics = stage.evaluate(model, stage.default_eval_n(profile))
+    (out / name).mkdir(parents=True, exist_ok=True)
+    save_json(out / name / "metrics.json", metrics)
+    checks = check_targets(metrics, getattr(stage, "TARGETS", {}))
+    results["stages"][name] = {"wall_time_s": round(time.time() - start, 1), "metrics": metrics, "targets": checks}
+    lines = [f"## {name}", "", f"measured on `{out / 'ldm'}` (nothing to train)", "",
+             "| metric | value | target | met |", "|---|---|---|---|"]
+    for metric, check in checks.items():
+        lines.append(f"| {metric} | {check['value']:.4f} | {check['target']} | {'yes' if check['met'] else 'no'} |")
+    return lines + [""]

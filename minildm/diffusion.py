@@ -83,9 +83,12 @@ class NoiseSchedule:
         acp = _gather(self.alphas_cumprod, t, x0)
         return acp.sqrt() * x0 + (1 - acp).sqrt() * noise
 
-    def sample_timesteps(self, batch_size: int, generator=None, device=None) -> torch.Tensor:
-        """t ~ Uniform{0, …, T−1}, one per sample (LDM's training)."""
-        return torch.randint(0, self.steps, (batch_size,), generator=generator, device=device)
+    def sample_timesteps(self, batch_size: int, generator=None, device=None,
+                         interval: tuple[int, int] | None = None) -> torch.Tensor:
+        """t ~ Uniform{0, …, T−1}, one per sample (LDM's training); or uniform on an expert's
+        ``interval`` [lo, hi) (eDiff-I's fine-tuning of one expert)."""
+        low, high = interval or (0, self.steps)
+        return torch.randint(low, high, (batch_size,), generator=generator, device=device)
 
     # ----------------------------------------------------------------- targets and conversions
     def target(self, prediction: str, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -79,6 +79,27 @@ def alignment_report(correct: Iterable[bool], categories: Iterable[str]) -> dict
             "alignment_by_category": per}
 
 
+def bootstrap_alignment(correct_a: Sequence[bool], correct_b: Sequence[bool], categories: Sequence[str],
+                        rounds: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
+    """Paired bootstrap over the evaluation prompts: two models judged on the same prompts with the
+    same noise. Each round resamples the prompts of every category with replacement and recomputes
+    both ``alignment``s (the mean over categories); returns the ``level`` intervals of ``a``, ``b``
+    and ``a − b`` as ``[low, high]``."""
+    a, b = np.asarray(correct_a, float), np.asarray(correct_b, float)
+    groups = [np.flatnonzero(np.asarray(categories) == c) for c in sorted(set(categories))]
+    rng = np.random.default_rng(seed)
+    stats = np.empty((rounds, 2))
+    for r in range(rounds):
+        picks = [rng.choice(g, size=len(g)) for g in groups]
+        stats[r] = [np.mean([a[p].mean() for p in picks]), np.mean([b[p].mean() for p in picks])]
+    tail = (1 - level) / 2 * 100
+
+    def interval(x):
+        return [float(np.percentile(x, tail)), float(np.percentile(x, 100 - tail))]
+
+    return {"a": interval(stats[:, 0]), "b": interval(stats[:, 1]), "difference": interval(stats[:, 0] - stats[:, 1])}
+
+
 def retrieval_top1(similarity: torch.Tensor, texts: Sequence[str]) -> dict[str, float]:
     """Top-1 retrieval both ways from a (texts × images) similarity matrix, where text i is the
     caption of image i. A retrieved item counts as right when its caption's text equals the true

@@ -43,8 +43,8 @@ class DiffusionPipeline:
 
     @staticmethod
     def null_like(cond: dict) -> dict:
-        """The dropped condition, as in training: a zero context (its mask kept)."""
-        return {"context": torch.zeros_like(cond["context"]), "mask": cond["mask"]}
+        """The dropped condition, as in training: every embedding zeroed (the mask kept)."""
+        return {k: v if k == "mask" else torch.zeros_like(v) for k, v in cond.items()}
 
     # ------------------------------------------------------------------ sampling
     def denoiser(self, guidance: float, cond: dict):
@@ -56,18 +56,38 @@ class DiffusionPipeline:
 
     @torch.no_grad()
     def sample_latents(self, captions: list[str], *, steps: int = 50, guidance: float = 3.0, seed: int = 0,
-                       sampler: str = "ddim", eta: float = 0.0, callback=None) -> torch.Tensor:
-        """z_0 (or images, in pixel space) for ``captions``; the noise is a pure function of ``seed``."""
+                       sampler: str = "ddim", eta: float = 0.0, callback=None, paint=None,
+                       paint_weight: float = 1.0, paint_background: bool = False) -> torch.Tensor:
+        """z_0 (or images, in pixel space) for ``captions``; the noise is a pure function of ``seed``.
+        ``paint``: ``{phrase: box or mask}`` (or one per caption) — paint-with-words
+        (:mod:`minildm.paint`) with weight ``paint_weight`` (w′), the unpainted rest on ``<bos>``
+        when ``paint_background``."""
+        if paint:
+            from minildm.paint import sample_painted
+
+            return sample_painted(self, captions, paint, paint_weight, steps=steps, guidance=guidance, seed=seed,
+                                  callback=callback, background=paint_background)[0]
         cond = self.conditioning(captions)
+        return self.sample_with(self.denoiser(guidance, cond), cond, len(captions), steps=steps, seed=seed,
+                                sampler=sampler, eta=eta, callback=callback)
+
+    @torch.no_grad()
+    def sample_with(self, denoiser, cond, n: int, *, steps: int = 50, seed: int = 0, sampler: str = "ddim",
+                    eta: float = 0.0, callback=None) -> torch.Tensor:
+        """Run the sampler with any ``denoiser(x_t, t, cond)`` — a guided UNet, a prompt switch,
+        a painted one — from the noise of ``seed``, with this model's schedule and prediction."""
         generator = torch.Generator().manual_seed(seed)
-        noise = torch.randn((len(captions), *self.sample_shape), generator=generator).to(self.device)
-        denoiser = self.denoiser(guidance, cond)
+        noise = torch.randn((n, *self.sample_shape), generator=generator).to(self.device)
         if sampler == "ddim":
             return ddim_sample(denoiser, self.schedule, noise, cond, steps=steps, eta=eta, prediction=self.cfg.prediction,
-                               spacing="trailing" if self.cfg.zero_terminal_snr else "leading",
-                               generator=generator, callback=callback)
+                               spacing=self.spacing, generator=generator, callback=callback)
         return ddpm_sample(denoiser, self.schedule, noise, cond, steps=steps, prediction=self.cfg.prediction,
-                           generator=generator, callback=callback)
+                           spacing=self.spacing, generator=generator, callback=callback)
+
+    @property
+    def spacing(self) -> str:
+        """DDIM's timestep spacing: "trailing" reaches t = T−1, which zero-terminal-SNR needs."""
+        return "trailing" if self.cfg.zero_terminal_snr else "leading"
 
     @torch.no_grad()
     def decode(self, samples: torch.Tensor) -> torch.Tensor:
@@ -79,9 +99,10 @@ class DiffusionPipeline:
     @torch.no_grad()
     def __call__(self, captions: list[str], batch_size: int = 128, **kwargs) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] for ``captions`` (see :meth:`sample_latents`)."""
-        seed = kwargs.pop("seed", 0)
+        seed, paint = kwargs.pop("seed", 0), kwargs.pop("paint", None)
         images = []
         for k, start in enumerate(range(0, len(captions), batch_size)):
             chunk = captions[start:start + batch_size]
-            images.append(self.decode(self.sample_latents(chunk, seed=seed + k, **kwargs)).cpu())
+            chunk_paint = paint[start:start + batch_size] if isinstance(paint, (list, tuple)) else paint
+            images.append(self.decode(self.sample_latents(chunk, seed=seed + k, paint=chunk_paint, **kwargs)).cpu())
         return torch.cat(images)

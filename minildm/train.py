@@ -179,13 +179,13 @@ def train(task: TrainingTask, cfg: TrainConfig, out_dir: str | Path, *, resume: 
         critic_optimizer = torch.optim.Adam(critic.parameters(), lr=task.critic_lr, betas=task.critic_betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_multiplier, cfg=cfg))
     history: dict[str, list[float]] = {"loss": []}
-    progress: list = []  # [step, training seconds, figures] from task.progress_eval
+    measured: list = []  # [step, training seconds, figures] from task.progress_eval
     start, wall_before = 0, 0.0
     if resume:
         state = _load_training_state(out_dir / CHECKPOINT_DIR, task, cfg, accelerator,
                                      model, ema, optimizer, scheduler, critic, critic_optimizer)
         start, history, wall_before = state["step"], state["history"], state["wall_time_s"]
-        progress = state.get("progress", [])
+        measured = state.get("progress", [])
 
     # prepare(): DDP wrapper when world_size > 1, autocast around forward, grad scaler for fp16.
     # The scheduler stays unprepared: Accelerate would step it once per process.
@@ -194,7 +194,7 @@ def train(task: TrainingTask, cfg: TrainConfig, out_dir: str | Path, *, resume: 
     if critic is not None:
         ddp_critic, ddp_critic_optimizer = accelerator.prepare(critic, critic_optimizer)
         ddp_critic.train()
-    card_of = partial(_card, task, cfg, accelerator, command=command, extra_card=extra_card, progress=progress)
+    card_of = partial(_card, task, cfg, accelerator, command=command, extra_card=extra_card, progress=measured)
     bar = tqdm(total=cfg.steps, initial=start, desc=f"train {task.stage}", dynamic_ncols=True,
                disable=not _show_progress(progress, accelerator.is_main_process))
     session_start = time.perf_counter()
@@ -231,7 +231,7 @@ def train(task: TrainingTask, cfg: TrainConfig, out_dir: str | Path, *, resume: 
             if accelerator.is_main_process and (done == cfg.steps or every > 0 and done % every == 0):
                 seconds = wall()
                 if getattr(task, "progress_eval", None) is not None:
-                    progress.append([done, round(seconds, 2), _measure(task, ema.module, measuring)])
+                    measured.append([done, round(seconds, 2), _measure(task, ema.module, measuring)])
                 _save_training_state(out_dir / CHECKPOINT_DIR, card_of(done, history, seconds),
                                      history, seconds, model, ema, optimizer, scheduler, accelerator,
                                      critic, critic_optimizer)

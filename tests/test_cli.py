@@ -24,9 +24,9 @@ def test_unknown_stage_names_the_stages():
 
 
 def test_stage_not_built_yet_says_so_in_one_line(tmp_path):
-    line = one_line_error(run_cli("train", "experts", "--profile", "smoke", "--out", str(tmp_path)))
+    line = one_line_error(run_cli("train", "add", "--profile", "smoke", "--out", str(tmp_path)))
     assert "not built yet" in line
-    assert "not built yet" in one_line_error(run_cli("eval", "paint", "--json"))
+    assert "unknown stage 'paint'" in one_line_error(run_cli("train", "paint", "--profile", "smoke", "--out", str(tmp_path)))
 
 
 def test_usage_mistakes_are_one_line():
@@ -72,8 +72,10 @@ def test_sample_mistakes_are_one_line(tmp_path):
     assert "no checkpoint at" in one_line_error(run_cli("sample", "--model", str(tmp_path / "x"), "--prompt", "a red circle",
                                                         "--out", str(tmp_path / "x.png")))
     assert ".png" in one_line_error(run_cli("sample", "--prompt", "a red circle", "--out", str(tmp_path / "x.jpg")))
-    assert "not built yet" in one_line_error(run_cli("sample", "--prompt", "a red circle", "--paint", "red=0,0,1,1",
-                                                     "--out", str(tmp_path / "x.png")))
+    assert "not in the prompt" in one_line_error(run_cli("sample", "--prompt", "a red circle", "--paint", "blue=0,0,1,1",
+                                                         "--out", str(tmp_path / "x.png")))
+    assert "x0 < x1" in one_line_error(run_cli("sample", "--prompt", "a red circle", "--paint", "red=1,0,0,1",
+                                               "--out", str(tmp_path / "x.png")))
 
 
 def test_bench_reports_ratios(capsys):

@@ -14,7 +14,8 @@ from minildm.errors import UserError
 
 TRAIN_STAGES = ("judge", "ae", "clip", "ldm", "pixel", "experts", "add")
 EVAL_STAGES = TRAIN_STAGES + ("paint",)
-BUILT = ("judge", "ae", "clip", "ldm", "pixel")
+BUILT = ("judge", "ae", "clip", "ldm", "pixel", "experts", "paint")
+BASED_STAGES = ("experts", "add")  # start from a trained LDM: ``minildm train STAGE --base RUN``
 
 
 def stage_module(name: str, accepted: tuple[str, ...] = TRAIN_STAGES):

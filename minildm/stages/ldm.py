@@ -59,18 +59,22 @@ class ItemCache:
     """``size`` items of the training stream: their captions, and their latents (latent space;
     encoded once, in batches) or nothing (pixel space: images are re-rendered, which is cheap)."""
 
-    def __init__(self, size: int, seed: int, image_size: int, autoencoder=None, batch_size: int = 256):
+    def __init__(self, size: int, seed: int, image_size: int, autoencoder=None, batch_size: int = 256,
+                 image_encoder=None):
         self.size, self.seed, self.image_size = size, seed, image_size
-        self.category, self.full, latents = [], [], []
+        self.category, self.full, latents, embeddings = [], [], [], []
         shapes = ShapesConfig(image_size=image_size)
         for start in range(0, size, batch_size):
             images, scenes = shapes_batch(seed, range(start, min(size, start + batch_size)), shapes)
             self.category += [category_caption(s) for s in scenes]
             self.full += [full_caption(s) for s in scenes]
-            if autoencoder is not None:
-                with torch.no_grad():
+            with torch.no_grad():
+                if autoencoder is not None:
                     latents.append(autoencoder.encode(images).float())
+                if image_encoder is not None:  # CLIP image embeddings (eDiff-I's image condition)
+                    embeddings.append(image_encoder.encode_image(images).float())
         self.latents = torch.cat(latents) if latents else None
+        self.image_embeddings = torch.cat(embeddings) if embeddings else None
 
     def item_order(self, positions: range) -> list[int]:
         """Cache indices of global positions ``positions``: each epoch a fresh permutation that is
@@ -93,7 +97,7 @@ class DiffusionTask:
     """The UNet as a :class:`minildm.train.TrainingTask`: noised samples, captions, the loss."""
 
     def __init__(self, cfg: DiffusionConfig, cache: ItemCache, encoder, batch_size: int, seed: int, stage: str,
-                 autoencoder=None, progress_n: int = 0):
+                 autoencoder=None, progress_n: int = 0, t_range: tuple[int, int] | None = None):
         if cfg.unet.context_dim != encoder.token_dim:
             raise UserError(f"the UNet's context_dim is {cfg.unet.context_dim} but the text encoder's tokens are "
                             f"{encoder.token_dim} wide; set {stage}.unet.context_dim={encoder.token_dim}")
@@ -101,11 +105,17 @@ class DiffusionTask:
         self.autoencoder, self.progress_n, self.judge = autoencoder, progress_n, None
         self.model = TextConditionedUNet(UNet(cfg.unet), copy.deepcopy(encoder.text_model), cfg.train_text_encoder)
         self.schedule = NoiseSchedule(zero_terminal_snr=cfg.zero_terminal_snr)
+        self.t_range = t_range  # None: every timestep; (lo, hi): an expert's interval (eDiff-I)
 
-    def batch(self, step: int, rank: int, world_size: int) -> dict:
+    def batch_indices(self, step: int, rank: int, world_size: int) -> list[int]:
+        """Cache indices of this rank's share of global batch ``step``."""
         per_rank = self.batch_size // world_size
         positions = range(step * self.batch_size + rank * per_rank, step * self.batch_size + (rank + 1) * per_rank)
-        indices = self.cache.item_order(positions)
+        return self.cache.item_order(positions)
+
+    def batch(self, step: int, rank: int, world_size: int) -> dict:
+        indices = self.batch_indices(step, rank, world_size)
+        per_rank = len(indices)
         rng = np.random.default_rng([self.seed, step, rank, 11])
         use_full = rng.random(per_rank) < self.cfg.full_caption_prob
         captions = [self.cache.full[i] if f else self.cache.category[i] for i, f in zip(indices, use_full)]
@@ -116,13 +126,17 @@ class DiffusionTask:
 
     def loss(self, model, batch):
         x0 = batch["x0"]
-        t = self.schedule.sample_timesteps(x0.shape[0], device=x0.device)
+        t = self.schedule.sample_timesteps(x0.shape[0], device=x0.device, interval=self.t_range)
         noise = torch.randn_like(x0)
         x_t = self.schedule.add_noise(x0, noise, t)
         target = self.schedule.target(self.cfg.prediction, x0, noise, t)
-        output = model(x_t, t, {"input_ids": batch["input_ids"], "mask": batch["mask"], "keep": batch["keep"]}).float()
+        output = model(x_t, t, self.condition(batch)).float()
         loss = F.mse_loss(output, target)
         return loss, {}
+
+    def condition(self, batch: dict) -> dict:
+        """What the model's ``forward`` takes besides x_t and t."""
+        return {"input_ids": batch["input_ids"], "mask": batch["mask"], "keep": batch["keep"]}
 
     def progress_eval(self, ema_model) -> dict:
         """Alignment per category and fid on a small balanced set (20 DDIM steps, guided):
@@ -208,6 +222,17 @@ def load(path: str | Path | None = None):
     return load_pipeline(path, STAGE)
 
 
+def sampling_pipeline(path: str | Path | None = None) -> tuple[DiffusionPipeline, dict]:
+    """Any trained text-to-image model as a pipeline: an ldm or pixel run, or an experts run
+    (its router); None: the reference LDM."""
+    if path is not None and load_checkpoint(path)[1].get("stage") == "experts":
+        from minildm.stages import experts
+
+        model, card = experts.load(path)
+        return model.pipeline, card
+    return load_pipeline(path)
+
+
 def default_eval_n(profile: Profile) -> int:
     """Images generated by ``minildm eval ldm`` without ``--n``: every prompt twice (cpu, gpu)."""
     return profile.extras.get("diffusion_eval_n", profile.eval_n)
@@ -240,34 +265,48 @@ def colour_swapped(clauses, read) -> bool:
 
 
 @torch.no_grad()
+def judge_samples(pipeline: DiffusionPipeline, records: list[dict], judge, seed: int = EVAL_SEED,
+                  steps: int | None = None, guidance: float | None = None) -> dict:
+    """Generate one image per record (``{"prompt", "category"}``) and judge it: the images, the
+    judge's reads, per-image ``correct`` (every clause holds) and the sampling ``seconds``."""
+    from minildm.metrics import clauses_hold
+
+    steps = steps or pipeline.cfg.sample_steps
+    guidance = pipeline.cfg.guidance if guidance is None else guidance
+    started = time.perf_counter()
+    images = pipeline([r["prompt"] for r in records], steps=steps, guidance=guidance, seed=seed)
+    seconds = time.perf_counter() - started
+    reads = judge.read(images)
+    correct = [clauses_hold(parse(r["prompt"]), read) for r, read in zip(records, reads)]
+    return {"images": images, "reads": reads, "correct": correct, "seconds": seconds,
+            "steps": steps, "guidance": guidance}
+
+
+@torch.no_grad()
 def evaluate(pipeline: DiffusionPipeline, n: int = 656, seed: int = EVAL_SEED, steps: int | None = None,
-             guidance: float | None = None, judge=None) -> dict:
-    """Generate ``n`` images for the evaluation prompts and measure them (module docstring)."""
-    from minildm.metrics import alignment_report, clauses_hold, frechet_distance
+             guidance: float | None = None, judge=None, judged: dict | None = None) -> dict:
+    """Generate ``n`` images for the evaluation prompts and measure them (module docstring).
+    ``judged``: the output of :func:`judge_samples` on ``evaluation_prompts(n)``, if already made."""
+    from minildm.metrics import alignment_report, frechet_distance
     from minildm.stages import judge as judge_stage
 
     if n < 6:
         raise UserError(f"--n {n}: the diffusion evaluation needs at least 6 images (one per category)")
     judge = judge if judge is not None else judge_stage.load(None)[0]
-    steps = steps or pipeline.cfg.sample_steps
-    guidance = pipeline.cfg.guidance if guidance is None else guidance
     records = evaluation_prompts(n)
-    started = time.perf_counter()
-    images = pipeline([r["prompt"] for r in records], steps=steps, guidance=guidance, seed=seed)
-    seconds = time.perf_counter() - started
-    reads = judge.read(images)
-    clauses = [parse(r["prompt"]) for r in records]
+    judged = judged or judge_samples(pipeline, records, judge, seed, steps, guidance)
     categories = [r["category"] for r in records]
-    report = alignment_report([clauses_hold(c, r) for c, r in zip(clauses, reads)], categories)
-    colour_attr = [colour_swapped(c, r) for c, r, cat in zip(clauses, reads, categories) if cat == "color_attr"]
+    report = alignment_report(judged["correct"], categories)
+    colour_attr = [colour_swapped(parse(r["prompt"]), read) for r, read in zip(records, judged["reads"])
+                   if r["category"] == "color_attr"]
     real, _ = shapes_batch(seed, range(n), ShapesConfig(image_size=pipeline.image_size))
     return {
-        "n": n, "steps": steps, "guidance": guidance,
+        "n": n, "steps": judged["steps"], "guidance": judged["guidance"],
         "alignment": report["alignment"],
         "alignment_by_category": report["alignment_by_category"],
         **{f"alignment_{c}": v for c, v in report["alignment_by_category"].items()},
         "colour_swaps": float(np.mean(colour_attr)) if colour_attr else None,
-        "fid": frechet_distance(judge.features(images).numpy(), judge.features(real).numpy()),
-        "nfe": steps * (2 if guidance != 1.0 else 1),
-        "images_per_second": round(n / seconds, 2),
+        "fid": frechet_distance(judge.features(judged["images"]).numpy(), judge.features(real).numpy()),
+        "nfe": judged["steps"] * (2 if judged["guidance"] != 1.0 else 1),
+        "images_per_second": round(n / judged["seconds"], 2),
     }

@@ -1,0 +1,176 @@
+"""Stage 4, part 2 — one model conditioned on several embeddings at once (eDiff-I Sec. 4.2).
+
+Trained by ``minildm train experts`` after the expert tree (``RUN/multi_embedding``): the base
+LDM fine-tuned with the conditions of :mod:`minildm.multi_embedding` — per-token text, pooled
+text and the CLIP image embedding of the training image — each dropped independently.
+:func:`evaluate` measures what each embedding does alone and together:
+
+* ``alignment_text`` — tokens + pooled text (the judge's verdict on the caption);
+* ``alignment_both`` — text and the image embedding of a render of that caption;
+* ``image_match`` — image embedding alone: the sample holds the reference's object (shape and
+  colour), against ``image_match_unconditional`` (nothing given) as the chance level;
+* style transfer — a new caption sampled with the embedding of a reference whose background is
+  dark or light (a property no caption names): ``background_distance_text`` (caption alone) and
+  ``background_distance_reference`` (caption + reference): the mean |brightness difference|
+  between the sample's background and the reference's, with ``alignment_style`` (is the
+  caption still followed).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from minildm.checkpoints import load_checkpoint, load_state_into
+from minildm.config import EVAL_SEED, DiffusionConfig, ShapesConfig, config_from_dict
+from minildm.multi_embedding import DropRates, MultiEmbeddingUNet, background_brightness, keep_only
+from minildm.pipeline import DiffusionPipeline
+from minildm.stages import ldm
+from minildm.unet import UNet
+
+STAGE = "multi_embedding"
+
+
+class MultiEmbeddingTask(ldm.DiffusionTask):
+    """The diffusion task with three independently dropped conditions."""
+
+    def __init__(self, cfg: DiffusionConfig, cache: ldm.ItemCache, encoder, batch_size: int, seed: int,
+                 autoencoder, drops: DropRates = DropRates()):
+        super().__init__(cfg, cache, encoder, batch_size, seed, STAGE, autoencoder)
+        self.drops = drops
+        self.model = MultiEmbeddingUNet(UNet(cfg.unet), copy.deepcopy(encoder.text_model),
+                                        copy.deepcopy(encoder.clip.text_projection))
+
+    def batch(self, step: int, rank: int, world_size: int) -> dict:
+        batch = super().batch(step, rank, world_size)
+        indices = self.batch_indices(step, rank, world_size)
+        batch["image_embedding"] = self.cache.image_embeddings[indices]
+        batch["keep"] = self.drops.sample(np.random.default_rng([self.seed, step, rank, 13]), len(indices))
+        return batch
+
+    def condition(self, batch: dict) -> dict:
+        return {"input_ids": batch["input_ids"], "mask": batch["mask"], "image_embedding": batch["image_embedding"],
+                "keep": batch["keep"]}
+
+    def card_config(self) -> dict:
+        return {"diffusion": dataclasses.asdict(self.cfg), "drops": dataclasses.asdict(self.drops)}
+
+
+def multi_config(base_cfg: DiffusionConfig, encoder) -> DiffusionConfig:
+    """The base LDM's configuration with the pooled route: [pooled text ‖ image embedding]."""
+    unet = dataclasses.replace(base_cfg.unet, pooled_dim=2 * encoder.pooled_dim)
+    return dataclasses.replace(base_cfg, unet=unet, train_text_encoder=False)
+
+
+def initial_state(base_state: dict, model: MultiEmbeddingUNet) -> dict:
+    """The base LDM's weights, with the new pooled projection zero (so it starts as the base)."""
+    state = {k: v for k, v in base_state.items()}
+    for name, tensor in model.state_dict().items():
+        if name.startswith("unet.pooled_embed.") or name.startswith("text_projection."):
+            state[name] = torch.zeros_like(tensor) if name.startswith("unet.") else tensor
+    return state
+
+
+def train(cfg, train_cfg, cache, encoder, autoencoder, base_state: dict, out: Path, **loop_kwargs) -> dict:
+    """Fine-tune the multi-embedding model from the base LDM into ``out``; its card."""
+    from minildm.train import train as train_loop
+
+    task = MultiEmbeddingTask(cfg, cache, encoder, train_cfg.batch_size, train_cfg.seed, autoencoder)
+    load_state_into(task.model, initial_state(base_state, task.model), "the base LDM")
+    return train_loop(task, train_cfg, out, **loop_kwargs)
+
+
+def load(path: str | Path):
+    """(model, pipeline, card) of a multi-embedding run."""
+    state, card = load_checkpoint(path)
+    cfg = config_from_dict(DiffusionConfig, card["config"]["diffusion"])
+    encoder, autoencoder = ldm._parts(cfg.space, card.get("image_size", 32))
+    model = MultiEmbeddingUNet(UNet(cfg.unet), copy.deepcopy(encoder.text_model),
+                               copy.deepcopy(encoder.clip.text_projection))
+    load_state_into(model, state, str(path))
+    model.eval()
+    pipeline = DiffusionPipeline(model.unet, cfg, encoder.with_text_model(model.text), autoencoder,
+                                 card.get("image_size", 32))
+    return model, pipeline, card
+
+
+@torch.no_grad()
+def sample(model: MultiEmbeddingUNet, pipeline: DiffusionPipeline, captions: list[str], references: torch.Tensor | None,
+           use=("tokens", "pooled", "image"), seed: int = EVAL_SEED, steps: int | None = None,
+           guidance: float | None = None) -> torch.Tensor:
+    """Images for ``captions`` (any caption when the text is unused) and reference images
+    (B, 3, H, W) in [-1, 1] (None when the image is unused), with only the conditions ``use``."""
+    encoder = pipeline.encoder
+    tokens = encoder.tokenize(captions)
+    n = len(captions)
+    image_embedding = (encoder.encode_image(references).float() if references is not None
+                       else torch.zeros(n, encoder.pooled_dim))
+    cond = model.conditions(tokens["input_ids"], tokens["attention_mask"], image_embedding, keep_only(use, n))
+    cond = {k: v.float() if k != "mask" else v for k, v in cond.items()}
+    steps, guidance = steps or pipeline.cfg.sample_steps, guidance or pipeline.cfg.guidance
+    latents = pipeline.sample_with(pipeline.denoiser(guidance, cond), cond, n, steps=steps, seed=seed)
+    return pipeline.decode(latents).cpu()
+
+
+def style_references(n: int, seed: int = EVAL_SEED + 3, image_size: int = 32) -> tuple[torch.Tensor, list]:
+    """``n`` renders with the darkest or lightest backgrounds of the stream (alternating)."""
+    from minildm.data.datasets import shapes_batch
+
+    images, scenes = shapes_batch(seed, range(8 * n), ShapesConfig(image_size=image_size))
+    brightness = background_brightness(images)
+    order = torch.argsort(brightness)
+    picks = [int(order[k // 2]) if k % 2 == 0 else int(order[-1 - k // 2]) for k in range(n)]
+    return images[picks], [scenes[i] for i in picks]
+
+
+@torch.no_grad()
+def evaluate(model: MultiEmbeddingUNet, pipeline: DiffusionPipeline, judge, n: int = 96, seed: int = EVAL_SEED) -> dict:
+    """The experiments of the module docstring, ``n`` images each."""
+    from minildm.data.captions import category_caption, parse
+    from minildm.data.datasets import shapes_batch
+    from minildm.metrics import clauses_hold
+
+    def alignment(captions, images):
+        return float(np.mean([clauses_hold(parse(c), r) for c, r in zip(captions, judge.read(images))]))
+
+    images, scenes = shapes_batch(seed + 2, range(n), ShapesConfig(image_size=pipeline.image_size))
+    captions = [category_caption(s) for s in scenes]
+    text_only = sample(model, pipeline, captions, None, ("tokens", "pooled"), seed)
+    both = sample(model, pipeline, captions, images, ("tokens", "pooled", "image"), seed)
+
+    from minildm.data.datasets import render_scenes
+    from minildm.data.shapes import make_scene
+
+    single_scenes = [make_scene(seed + 4, i, ShapesConfig(image_size=pipeline.image_size), category="single_object")
+                     for i in range(n)]
+    singles = render_scenes(single_scenes)
+    blank = [""] * n
+
+    def holds_reference(samples):
+        reads = judge.read(samples)
+        return float(np.mean([any(o.shape == s.objects[0].shape and o.colour == s.objects[0].colour for o in r)
+                              for s, r in zip(single_scenes, reads)]))
+
+    image_only = sample(model, pipeline, blank, singles, ("image",), seed)
+    unconditional = sample(model, pipeline, blank, None, (), seed)
+
+    references, _ = style_references(n, image_size=pipeline.image_size)
+    new_captions = [r["prompt"] for r in ldm.evaluation_prompts(n)]
+    styled = sample(model, pipeline, new_captions, references, ("tokens", "pooled", "image"), seed)
+    plain = sample(model, pipeline, new_captions, None, ("tokens", "pooled"), seed)
+    target = background_brightness(references)
+    return {
+        "n": n,
+        "alignment_text": alignment(captions, text_only),
+        "alignment_both": alignment(captions, both),
+        "image_match": holds_reference(image_only),
+        "image_match_unconditional": holds_reference(unconditional),
+        "background_distance_text": float((background_brightness(plain) - target).abs().mean()),
+        "background_distance_reference": float((background_brightness(styled) - target).abs().mean()),
+        "alignment_style": alignment(new_captions, styled),
+        "alignment_style_text": alignment(new_captions, plain),
+    }

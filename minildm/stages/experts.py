@@ -1,0 +1,316 @@
+"""Stage 4 — eDiff-I's expert denoisers, fine-tuned from the reference LDM.
+
+``minildm train experts --base PATH`` (default base: the reference LDM) grows the expert tree of
+:func:`minildm.experts.expert_tree` — each node initialised from its parent and fine-tuned only
+on its timestep interval — and, for the comparison at equal cost, fine-tunes the base model on
+every timestep for the same total number of steps (``RUN/baseline``, an ordinary LDM
+checkpoint). The text tower is frozen in all of these runs, so the experts share one.
+
+``minildm eval experts`` measures:
+
+* the observation that motivates experts, on the single model (the baseline):
+  ``prompt_switch`` — sample with prompt A for the first fraction f of the 50 DDIM steps and
+  with prompt B after; f → the fraction of images the judge reads as following B (eDiff-I
+  Fig. 4) — and ``text_influence`` — t → how much the caption changes the predicted x₀,
+  ‖x̂₀(c) − x̂₀(∅)‖ / ‖x̂₀(c)‖, with the cross-attention maps' normalised entropy beside it;
+* the comparison at equal training cost and equal sampling cost (one UNet per step):
+  ``alignment``, ``fid`` for the experts, ``base_alignment``, ``base_fid`` for the baseline,
+  both on the same prompts with the same noise, with paired-bootstrap 95% intervals over the
+  prompts (``alignment_ci``, ``base_alignment_ci``, ``alignment_gain_ci``).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from minildm.checkpoints import (CARD, WEIGHTS, atomic_write_file, load_checkpoint, load_state_into,
+                                 resolve_checkpoint, save_json, save_tensors)
+from minildm.config import EVAL_SEED, DiffusionConfig, Profile, config_from_dict
+from minildm.diffusion import NoiseSchedule
+from minildm.errors import UserError
+from minildm.experts import ExpertRouter, expert_tree, prompt_switch
+from minildm.pipeline import DiffusionPipeline
+from minildm.samplers import sampling_timesteps
+from minildm.stages import embeddings, ldm
+from minildm.unet import UNet
+
+REFERENCE = Path(__file__).resolve().parents[2] / "data" / "checkpoints" / "experts"
+STAGE = "experts"
+ROLES = ("low", "middle", "high")
+MULTI = "multi_embedding"  # the run folder of the several-embeddings model
+SWITCH_FRACTIONS = tuple(round(0.1 * k, 1) for k in range(11))
+TARGETS = {"follow_b_early": (">=", 0.8), "follow_b_late": ("<=", 0.1), "alignment_gain": (">=", 0.03)}
+
+
+@dataclass
+class Experts:
+    """The experts behind one router (``pipeline``), the equal-cost single model (``baseline``)
+    and the several-embeddings model (``multi``: its network and pipeline, if trained)."""
+
+    pipeline: DiffusionPipeline
+    baseline: DiffusionPipeline
+    card: dict
+    multi: tuple | None = None
+
+
+# ----------------------------------------------------------------------------------- training
+def train(profile: Profile, out: str, *, base: str | None = None, resume=False, steps=None, device=None,
+          data=None, command=None, progress=True, eval_n: int | None = None) -> dict | None:
+    """Fine-tune the expert tree and the equal-cost baseline from ``base``; measure both."""
+    from minildm.train import is_main_process, train as train_loop
+
+    if data not in (None, "shapes"):
+        raise UserError(f"--data {data}: the experts are measured by the judge on the shapes world's "
+                        "prompts, so they accept only --data shapes")
+    out = Path(out)
+    if (out / CARD).exists() and not resume:
+        raise UserError(f"{out} already holds a finished experts run; choose another --out")
+    base_path = Path(base) if base is not None else ldm.REFERENCE
+    base_state, base_card = load_checkpoint(base_path)
+    if base_card.get("stage") != "ldm":
+        raise UserError(f"--base {base_path} holds a {base_card.get('stage')!r} checkpoint; "
+                        "the experts start from a latent diffusion model (stage ldm)")
+    cfg = dataclasses.replace(config_from_dict(DiffusionConfig, base_card["config"]["diffusion"]),
+                              train_text_encoder=False)
+    train_cfg = profile.experts_train if steps is None else dataclasses.replace(profile.experts_train, steps=steps)
+    image_size = base_card.get("image_size", profile.shapes.image_size)
+    encoder, autoencoder = ldm._parts(cfg.space, image_size)
+    cache = ldm.ItemCache(profile.extras.get("cache_size", 40_000), train_cfg.seed, image_size, autoencoder,
+                          image_encoder=encoder)  # image embeddings: for the multi-embedding model
+    nodes, ensemble = expert_tree(NoiseSchedule().steps)
+
+    def fine_tune(name: str, start: dict, interval, run_cfg) -> tuple[dict, dict]:
+        run_dir = out / "nodes" / name if interval is not None else out / "baseline"
+        if (run_dir / CARD).exists():  # finished before an interruption
+            return load_checkpoint(run_dir)
+        task = ldm.DiffusionTask(cfg, cache, encoder, run_cfg.batch_size, run_cfg.seed, "ldm", autoencoder,
+                                 t_range=interval)
+        load_state_into(task.model, start, str(base_path))
+        train_loop(task, run_cfg, run_dir, resume=(run_dir / "checkpoint").exists(), device=device,
+                   command=command, progress=progress,
+                   extra_card={"profile": profile.name, "image_size": image_size, "interval": interval,
+                               "base": str(base_path)})
+        return load_checkpoint(run_dir)
+
+    states, node_cards = {None: base_state}, {}
+    for node in nodes:
+        states[node.name], node_cards[node.name] = fine_tune(node.name, states[node.parent],
+                                                            (node.low, node.high), train_cfg)
+    # the same budget for the single model: as many steps as all the nodes together, every t
+    total = train_cfg.steps * len(nodes)
+    _, baseline_card = fine_tune("baseline", base_state, None, dataclasses.replace(train_cfg, steps=total))
+    # Sec. 4.2: one model on several embeddings at once, fine-tuned from the same base
+    multi_dir = out / MULTI
+    if not (multi_dir / CARD).exists():
+        multi_cfg = dataclasses.replace(train_cfg, steps=profile.extras.get("multi_embedding_steps", 2 * train_cfg.steps))
+        embeddings.train(embeddings.multi_config(cfg, encoder), multi_cfg, cache, encoder, autoencoder, base_state,
+                         multi_dir, resume=(multi_dir / "checkpoint").exists(), device=device, command=command,
+                         progress=progress, extra_card={"profile": profile.name, "image_size": image_size,
+                                                        "base": str(base_path)})
+    if not is_main_process():
+        return None
+
+    by_name = {node.name: node for node in nodes}
+    tensors = {f"text.{k[5:]}": v for k, v in base_state.items() if k.startswith("text.")}
+    for role, name in zip(ROLES, ensemble):
+        tensors.update({f"{role}.{k[5:]}": v for k, v in states[name].items() if k.startswith("unet.")})
+    offset, curve = 0, []
+    for node in nodes:
+        curve += [[offset + step, loss] for step, loss in node_cards[node.name]["loss_curve"]]
+        offset += node_cards[node.name]["steps"]
+    card = {
+        "stage": STAGE, "config": {"diffusion": dataclasses.asdict(cfg)},
+        "train": dataclasses.asdict(train_cfg), "profile": profile.name, "image_size": image_size,
+        "base": str(base_path), "command": command,
+        "tree": [dataclasses.asdict(node) for node in nodes],
+        "experts": {role: {"node": name, "interval": [by_name[name].low, by_name[name].high]}
+                    for role, name in zip(ROLES, ensemble)},
+        "nodes": {name: {k: c[k] for k in ("steps", "wall_time_s", "final_loss")} for name, c in node_cards.items()},
+        "steps": offset, "wall_time_s": round(sum(c["wall_time_s"] for c in node_cards.values()), 2),
+        "baseline": {k: baseline_card[k] for k in ("steps", "wall_time_s", "final_loss")},
+        "loss_curve": curve, "device": baseline_card.get("device"), "seed": train_cfg.seed,
+    }
+    # beside nodes/ and baseline/: the weights first, the card (which marks a finished run) last
+    atomic_write_file(out / WEIGHTS, lambda path: save_tensors(path, tensors))
+    atomic_write_file(out / CARD, lambda path: save_json(path, card))
+    model, _ = load(out)
+    card["metrics"] = evaluate(model, eval_n or ldm.default_eval_n(profile))
+    atomic_write_file(out / CARD, lambda path: save_json(path, card))
+    return card
+
+
+default_eval_n = ldm.default_eval_n
+
+
+# ------------------------------------------------------------------------------------ loading
+def load(path: str | Path | None = None) -> tuple[Experts, dict]:
+    """The experts (behind their router) and the equal-cost baseline of a run, and its card."""
+    folder = resolve_checkpoint(REFERENCE if path is None else path)
+    state, card = load_checkpoint(folder)
+    if card.get("stage") != STAGE:
+        raise UserError(f"{folder} holds a {card.get('stage')!r} checkpoint, not experts")
+    cfg = config_from_dict(DiffusionConfig, card["config"]["diffusion"])
+    image_size = card.get("image_size", 32)
+    encoder, autoencoder = ldm._parts(cfg.space, image_size)
+    text = copy.deepcopy(encoder.text_model)
+    load_state_into(text, _part(state, "text"), str(folder))
+    unets = {}
+    for role in ROLES:
+        unets[role] = UNet(cfg.unet)
+        load_state_into(unets[role], _part(state, role), str(folder))
+    router = ExpertRouter(unets, {role: tuple(card["experts"][role]["interval"]) for role in ROLES})
+    pipeline = DiffusionPipeline(router, cfg, encoder.with_text_model(text), autoencoder, image_size)
+    baseline, _ = ldm.load_pipeline(folder / "baseline")
+    multi = None
+    if (folder / MULTI).is_dir():
+        model, multi_pipeline, _ = embeddings.load(folder / MULTI)
+        multi = (model, multi_pipeline)
+    return Experts(pipeline, baseline, card, multi), card
+
+
+def _part(state: dict, prefix: str) -> dict:
+    return {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
+
+
+# ---------------------------------------------------------------------------------- measuring
+def switch_pairs(n: int) -> list[tuple[str, str]]:
+    """``n`` prompt pairs (A, B) naming one object each, differing in both shape and colour, so
+    that an image cannot follow both."""
+    from minildm.data.captions import parse
+    from minildm.data.prompts import load_evaluation_prompts
+
+    prompts = [r["prompt"] for r in load_evaluation_prompts() if r["category"] == "colors"]
+    objects = [parse(p).objects[0] for p in prompts]
+    pairs = []
+    for shift in range(1, len(prompts)):
+        for i, a in enumerate(objects):
+            b = objects[(i + shift) % len(prompts)]
+            if a.shape != b.shape and a.colour != b.colour:
+                pairs.append((prompts[i], prompts[(i + shift) % len(prompts)]))
+    return pairs[:n]
+
+
+@torch.no_grad()
+def sample_switched(pipeline: DiffusionPipeline, prompts_a: list[str], prompts_b: list[str], fraction: float,
+                    steps: int | None = None, guidance: float | None = None, seed: int = EVAL_SEED) -> torch.Tensor:
+    """Images sampled with ``prompts_a`` for the first ``fraction`` of the DDIM steps and with
+    ``prompts_b`` for the rest (same noise for every fraction); the model's steps and guidance
+    by default."""
+    steps, guidance = steps or pipeline.cfg.sample_steps, guidance or pipeline.cfg.guidance
+    cond_a, cond_b = pipeline.conditioning(prompts_a), pipeline.conditioning(prompts_b)
+    guided_a, guided_b = pipeline.denoiser(guidance, cond_a), pipeline.denoiser(guidance, cond_b)
+    timesteps = sampling_timesteps(pipeline.schedule.steps, steps, pipeline.spacing)
+    k = round(fraction * steps)  # steps taken with prompt A
+    switch_at = timesteps[k] + 1 if k < steps else 0
+    denoiser = prompt_switch(lambda x, t, _: guided_a(x, t, cond_a), lambda x, t, _: guided_b(x, t, cond_b),
+                             switch_at)
+    latents = pipeline.sample_with(denoiser, None, len(prompts_a), steps=steps, seed=seed)
+    return pipeline.decode(latents)
+
+
+@torch.no_grad()
+def prompt_switch_curve(pipeline: DiffusionPipeline, judge, pairs: list[tuple[str, str]],
+                        fractions=SWITCH_FRACTIONS, steps: int | None = None, guidance: float | None = None) -> dict:
+    """f → fraction of images following B, and following A (eDiff-I Fig. 4); keys "0.0" … "1.0"."""
+    from minildm.data.captions import parse
+    from minildm.metrics import clauses_hold
+
+    prompts_a, prompts_b = [a for a, _ in pairs], [b for _, b in pairs]
+    follow_a, follow_b = {}, {}
+    for f in fractions:
+        reads = judge.read(sample_switched(pipeline, prompts_a, prompts_b, f, steps, guidance))
+        follow_a[f"{f:.1f}"] = float(np.mean([clauses_hold(parse(a), r) for a, r in zip(prompts_a, reads)]))
+        follow_b[f"{f:.1f}"] = float(np.mean([clauses_hold(parse(b), r) for b, r in zip(prompts_b, reads)]))
+    return {"follow_b": follow_b, "follow_a": follow_a}
+
+
+@torch.no_grad()
+def text_influence(pipeline: DiffusionPipeline, n: int = 64, levels: int = 20, seed: int = EVAL_SEED) -> dict:
+    """t → ‖x̂₀(c) − x̂₀(∅)‖ / ‖x̂₀(c)‖ on noised latents of real renders with their captions, and
+    t → the mean normalised entropy of the cross-attention maps (1: uniform over the tokens)."""
+    from minildm.attention import AttentionStore, install_hook
+    from minildm.data.captions import category_caption
+    from minildm.data.datasets import shapes_batch
+    from minildm.config import ShapesConfig
+
+    images, scenes = shapes_batch(seed + 1, range(n), ShapesConfig(image_size=pipeline.image_size))
+    z0 = pipeline.autoencoder.encode(images).float() if pipeline.autoencoder is not None else images
+    cond = pipeline.conditioning([category_caption(s) for s in scenes])
+    null = pipeline.null_like(cond)
+    tokens = cond["mask"].sum(1).float()  # valid tokens per caption
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(z0.shape, generator=generator)
+    schedule = pipeline.schedule
+    timesteps = np.linspace(0, schedule.steps - 1, levels).round().astype(int).tolist()
+    influence, entropy = {}, {}
+    for t in timesteps:
+        tt = torch.full((n,), t, dtype=torch.long)
+        x_t = schedule.add_noise(z0, noise, tt)
+        store = AttentionStore()
+        install_hook(pipeline.unet, store)
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=pipeline.device.type == "cpu"):
+                out_c = pipeline.unet(x_t, tt, cond).float()
+        finally:
+            install_hook(pipeline.unet, None)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=pipeline.device.type == "cpu"):
+            out_u = pipeline.unet(x_t, tt, null).float()
+        x0_c = schedule.predicted_x0(pipeline.cfg.prediction, out_c, x_t, tt)
+        x0_u = schedule.predicted_x0(pipeline.cfg.prediction, out_u, x_t, tt)
+        influence[str(t)] = float(((x0_c - x0_u).flatten(1).norm(dim=1) / x0_c.flatten(1).norm(dim=1)).mean())
+        layer_entropies = []
+        for maps in store.maps.values():
+            probs = maps[0]  # (B, heads, N, L)
+            h = -(probs * probs.clamp_min(1e-12).log()).sum(-1)  # (B, heads, N)
+            layer_entropies.append((h / tokens.log()[:, None, None]).mean().item())
+        entropy[str(t)] = float(np.mean(layer_entropies))
+    return {"text_influence": influence, "attention_entropy": entropy}
+
+
+@torch.no_grad()
+def evaluate(model: Experts, n: int = 656, seed: int = EVAL_SEED, judge=None) -> dict:
+    """The observation on the single model, and the equal-cost comparison (module docstring)."""
+    from minildm.metrics import bootstrap_alignment
+    from minildm.stages import judge as judge_stage
+
+    judge = judge if judge is not None else judge_stage.load(None)[0]
+    records = ldm.evaluation_prompts(n)
+    categories = [r["category"] for r in records]
+    judged = ldm.judge_samples(model.pipeline, records, judge, seed)
+    base_judged = ldm.judge_samples(model.baseline, records, judge, seed)
+    experts = ldm.evaluate(model.pipeline, n, seed, judge=judge, judged=judged)
+    base = ldm.evaluate(model.baseline, n, seed, judge=judge, judged=base_judged)
+    intervals = bootstrap_alignment(judged["correct"], base_judged["correct"], categories)
+
+    started = time.perf_counter()
+    switch = prompt_switch_curve(model.baseline, judge, switch_pairs(min(48, max(4, n // 12))))
+    follow_b = switch["follow_b"]
+    over_time = text_influence(model.baseline, n=min(64, n))
+    return {
+        "n": n, "steps": experts["steps"], "guidance": experts["guidance"], "nfe": experts["nfe"],
+        "alignment": experts["alignment"], "fid": experts["fid"],
+        "alignment_by_category": experts["alignment_by_category"],
+        "base_alignment": base["alignment"], "base_fid": base["fid"],
+        "base_alignment_by_category": base["alignment_by_category"],
+        "alignment_gain": experts["alignment"] - base["alignment"],
+        "alignment_ci": intervals["a"], "base_alignment_ci": intervals["b"],
+        "alignment_gain_ci": intervals["difference"],
+        "images_per_second": experts["images_per_second"],
+        "base_images_per_second": base["images_per_second"],
+        "prompt_switch": follow_b,
+        "prompt_switch_follow_a": switch["follow_a"],
+        "follow_b_early": min(v for f, v in follow_b.items() if float(f) <= 0.3),
+        "follow_b_late": max(v for f, v in follow_b.items() if float(f) >= 0.7),
+        "text_influence": over_time["text_influence"],
+        "attention_entropy": over_time["attention_entropy"],
+        "observation_seconds": round(time.perf_counter() - started, 1),
+        "embeddings": (embeddings.evaluate(*model.multi, judge, n=min(96, max(4, n // 7)))
+                       if model.multi is not None else None),
+    }

@@ -1,0 +1,51 @@
+"""Several embeddings at once (minildm.multi_embedding): drops, the pooled route, the background."""
+
+import numpy as np
+import torch
+
+from minildm.config import UNetConfig
+from minildm.multi_embedding import DropRates, MultiEmbeddingUNet, background_brightness, keep_only
+from minildm.stages import clip as clip_stage
+from minildm.stages.embeddings import initial_state
+from minildm.unet import UNet
+
+
+def test_drops_are_independent_with_a_joint_drop():
+    keep = DropRates(tokens=0.2, pooled=0.3, image=0.5, joint=0.1).sample(np.random.default_rng(0), 20000)
+    rates = {k: 1 - float(v.mean()) for k, v in keep.items()}
+    # a condition is dropped by its own coin or the joint one: 1 − (1 − p)(1 − 0.1)
+    for name, p in (("tokens", 0.2), ("pooled", 0.3), ("image", 0.5)):
+        assert abs(rates[name] - (1 - (1 - p) * 0.9)) < 0.015, name
+    all_dropped = float(((keep["tokens"] + keep["pooled"] + keep["image"]) == 0).float().mean())
+    assert abs(all_dropped - (0.1 + 0.9 * 0.2 * 0.3 * 0.5)) < 0.01
+
+
+def test_dropped_conditions_are_zero_and_the_new_route_starts_at_the_base():
+    encoder = clip_stage.load(None)[0]
+    cfg = UNetConfig(model_channels=16, channel_mult=(1, 2), heads=2, context_dim=encoder.token_dim,
+                     pooled_dim=2 * encoder.pooled_dim)
+    model = MultiEmbeddingUNet(UNet(cfg), encoder.text_model, encoder.clip.text_projection)
+    base = UNet(UNetConfig(model_channels=16, channel_mult=(1, 2), heads=2, context_dim=encoder.token_dim))
+    base_state = {f"unet.{k}": v for k, v in base.state_dict().items()}
+    base_state.update({f"text.{k}": v for k, v in encoder.text_model.state_dict().items()})
+    model.load_state_dict(initial_state(base_state, model))
+    tokens = encoder.tokenize(["a red circle", "two blue squares"])
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    embedding = encoder.encode_image(images)
+    cond = model.conditions(tokens["input_ids"], tokens["attention_mask"], embedding, keep_only(("image",), 2))
+    assert cond["context"].abs().sum() == 0 and cond["pooled"][:, :encoder.pooled_dim].abs().sum() == 0
+    assert torch.allclose(cond["pooled"][:, encoder.pooled_dim:].norm(dim=-1), torch.ones(2))
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
+    full = {"input_ids": tokens["input_ids"], "mask": tokens["attention_mask"], "image_embedding": embedding,
+            "keep": keep_only(("tokens", "pooled", "image"), 2)}
+    context = encoder.text_model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).last_hidden_state
+    with torch.no_grad():
+        expected = base(x, t, {"context": context, "mask": tokens["attention_mask"]})
+        torch.testing.assert_close(model(x, t, full), expected)  # zero-initialised pooled route
+
+
+def test_background_brightness_reads_the_frame():
+    images = torch.full((2, 3, 32, 32), -1.0)
+    images[1] = 1.0
+    images[:, :, 8:24, 8:24] = 0.3  # an object in the middle does not count
+    assert background_brightness(images).tolist() == [0.0, 1.0]

@@ -1,0 +1,137 @@
+"""Paint-with-words (minildm.paint): masks, phrases → tokens, the attention bias, sampling, CLI."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from minildm.attention import Attention, install_hook
+from minildm.cli import main
+from minildm.errors import UserError
+from minildm.paint import (PaintHook, as_mask, box_mask, paint_weight, parse_paint_argument, phrase_tokens,
+                           sample_painted, token_masks)
+from minildm.stages import ldm as ldm_stage
+from minildm.stages import paint as paint_stage
+
+
+@pytest.fixture(scope="module")
+def pipeline():
+    return ldm_stage.load(None)[0]
+
+
+def test_boxes_and_masks_are_checked():
+    mask = box_mask((0.0, 0.5, 0.5, 1.0), 8)
+    assert mask.sum() == 16 and mask[4:, :4].all() and mask[:4].sum() == 0
+    assert as_mask(np.ones((4, 4)) * 0.5, 8, "x").shape == (4, 4)
+    with pytest.raises(UserError, match="square 2-D"):
+        as_mask(np.ones((4, 5)), 8, "red circle")
+    with pytest.raises(UserError, match="empty"):
+        as_mask(np.zeros((8, 8)), 8, "red circle")
+    with pytest.raises(UserError, match=r"outside \[0, 1\]"):
+        as_mask(np.full((8, 8), 2.0), 8, "red circle")
+    with pytest.raises(UserError, match="x0 < x1"):
+        box_mask((0.5, 0.0, 0.2, 1.0), 8)
+
+
+def test_phrases_map_to_their_own_tokens_even_when_words_repeat(pipeline):
+    encoder = pipeline.encoder
+    prompt = "a red circle and a red square"  # <bos> a red circle and a red square <eos>
+    assert phrase_tokens(encoder, prompt, "red circle") == [2, 3]
+    assert phrase_tokens(encoder, prompt, "red square") == [6, 7]
+    assert phrase_tokens(encoder, prompt, "red") == [2, 6], "a bare repeated word paints every occurrence"
+    with pytest.raises(UserError, match="not in the prompt"):
+        phrase_tokens(encoder, prompt, "blue square")
+    masks = token_masks(encoder, [prompt], [{"red circle": (0, 0, 0.5, 0.5), "red square": (0.5, 0.5, 1, 1)}], 4, 9)
+    assert masks.shape == (1, 16, 9)
+    assert masks[0, 0, 2] == 1 and masks[0, 15, 2] == 0 and masks[0, 15, 7] == 1
+    assert masks[0, :, [0, 1, 4, 5, 8]].sum() == 0, "only the painted phrases' columns are set"
+
+
+def test_the_bias_is_edifi_formula_on_the_conditional_rows_only():
+    torch.manual_seed(0)
+    layer = Attention(8, context_dim=6, heads=2, dim_head=4)
+    x, context = torch.randn(4, 16, 8), torch.randn(4, 5, 6)  # rows 0-1 unconditional, 2-3 conditional
+    a = torch.zeros(2, 16, 5)
+    a[:, :8, 1] = 1.0  # token 1 painted over the top half
+    hook = PaintHook(a, weight=0.7)
+    hook.sigma, hook.rows = 3.0, slice(-2, None)
+    layer.hook = hook
+    out = layer(x, context, spatial=(4, 4))
+    layer.hook = None
+    plain = layer(x, context, spatial=(4, 4))
+
+    q = layer.to_q(x).view(4, 16, 2, 4).transpose(1, 2)
+    k = layer.to_k(context).view(4, 5, 2, 4).transpose(1, 2)
+    v = layer.to_v(context).view(4, 5, 2, 4).transpose(1, 2)
+    qk = q @ k.transpose(-1, -2)
+    expected = []
+    for b in range(4):
+        scores = qk[b]
+        if b >= 2:
+            w = 0.7 * math.log(1 + 3.0) * scores.max()
+            scores = scores + w * a[b - 2][None]
+        probs = (scores / math.sqrt(4)).softmax(-1)
+        expected.append((probs @ v[b]).transpose(0, 1).reshape(16, 8))
+    expected = layer.to_out(torch.stack(expected))
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[:2], plain[:2])
+    assert not torch.allclose(out[2:], plain[2:])
+    w = paint_weight(torch.ones(3, 2, 4, 5) * torch.arange(1, 4.0).view(3, 1, 1, 1), 1.0, 2.0)
+    assert w.flatten().tolist() == pytest.approx([2 * math.log(2) * m for m in (1, 2, 3)]), "one max per image"
+
+
+def test_painting_moves_the_object_and_the_hook_is_removed(pipeline):
+    from minildm.stages import judge as judge_stage
+
+    judge = judge_stage.load(None)[0]
+    prompts = ["a red circle"] * 8
+    left = {"red circle": (0.0, 0.0, 1 / 3, 1 / 3)}
+    latents, hook = sample_painted(pipeline, prompts, left, 1.0, steps=20, seed=3, record=True)
+    reads = judge.read(pipeline.decode(latents))
+    assert np.mean([any(o.cell == 0 for o in r) for r in reads]) >= 0.5, "painted top left: most land there"
+    assert hook.maps and all(m[0].shape[0] == 8 for m in hook.maps.values())
+    assert all(module.hook is None for module in pipeline.unet.modules() if isinstance(module, Attention))
+    with pytest.raises(UserError, match="not in the prompt"):
+        pipeline(["a red circle"], steps=2, paint={"blue square": (0, 0, 1, 1)})
+
+
+def test_paint_arguments_and_the_command_line(tmp_path, capsys):
+    assert parse_paint_argument("red circle=0,0,0.5,0.5") == ("red circle", (0.0, 0.0, 0.5, 0.5))
+    layout = np.zeros((32, 32, 3), np.uint8)
+    layout[:16, :16] = (255, 0, 0)
+    phrase, mask = parse_paint_argument("red circle=#ff0000", layout)
+    assert phrase == "red circle" and mask.sum() == 256
+    for bad, message in (("red circle", "PHRASE="), ("red circle=#ff0000", "needs --paint-mask"),
+                         ("red circle=1,2", "x0,y0,x1,y1"), ("red circle=a,b,c,d", "four numbers")):
+        with pytest.raises(UserError, match=message):
+            parse_paint_argument(bad)
+    with pytest.raises(UserError, match="no pixel"):
+        parse_paint_argument("red circle=#00ff00", layout)
+    Image.fromarray(layout).save(tmp_path / "layout.png")
+    png = tmp_path / "painted.png"
+    assert main(["sample", "--prompt", "a red circle", "--steps", "4", "--paint", "red circle=#ff0000",
+                 "--paint-mask", str(tmp_path / "layout.png"), "--out", str(png)]) == 0
+    assert png.exists()
+    assert main(["sample", "--prompt", "a red circle", "--paint", "blue square=0,0,1,1", "--out", str(png)]) == 2
+    assert "not in the prompt" in capsys.readouterr().err
+
+
+def test_the_painting_tasks_have_no_position_words_and_two_cells():
+    tasks = paint_stage.painting_tasks(20)
+    for task in tasks:
+        assert not any(w in task["prompt"] for w in ("left", "right", "above", "below", " at ", "center"))
+        assert len(set(task["cells"])) == 2 and set(task["paint"]) == set(task["phrases"])
+    assert paint_stage.cell_box(5) == (2 / 3, 1 / 3, 1.0, 2 / 3)
+    assert tasks == paint_stage.painting_tasks(20), "a pure function of the seed"
+
+
+def test_eval_paint_from_the_command_line(capsys):
+    import json
+
+    assert main(["eval", "paint", "--n", "4", "--json"]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    assert set(figures["sweep"]) == set(figures["sweep_background"]) == {f"{w:g}" for w in paint_stage.PAINT_WEIGHTS}
+    for key in ("placement", "placement_unpainted", "alignment", "alignment_unpainted"):
+        assert 0 <= figures[key] <= 1

@@ -1,0 +1,81 @@
+"""Stage 4: the expert tree fine-tuned from an LDM run, its router, and the equal-cost comparison."""
+
+import json
+
+import pytest
+import torch
+
+from minildm.cli import main
+from minildm.config import get_profile, with_overrides
+from minildm.experts import ExpertRouter
+from minildm.stages import experts as experts_stage
+from minildm.stages import ldm as ldm_stage
+
+
+@pytest.fixture(scope="module")
+def experts_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("experts")
+    profile = with_overrides(get_profile("smoke"), ["ldm_train.steps=20"])
+    ldm_stage.train(profile, str(root / "base"), progress=False)
+    card = experts_stage.train(profile, str(root / "run"), base=str(root / "base"), progress=False)
+    return card, root
+
+
+def test_the_tree_is_fine_tuned_from_the_base_and_the_baseline_gets_the_same_steps(experts_run):
+    card, root = experts_run
+    per_node = get_profile("smoke").experts_train.steps
+    assert [n["name"] for n in card["tree"]] == ["low_1", "high_1", "low_2", "high_2", "middle"]
+    assert card["steps"] == 5 * per_node and card["baseline"]["steps"] == 5 * per_node
+    assert {role: e["interval"] for role, e in card["experts"].items()} == {
+        "low": [0, 250], "middle": [250, 750], "high": [750, 1000]}
+    node = json.loads((root / "run" / "nodes" / "high_2" / "card.json").read_text())
+    assert node["interval"] == [750, 1000] and node["steps"] == per_node
+    from minildm.checkpoints import load_checkpoint
+
+    base_state, _ = load_checkpoint(root / "base")
+    high_state, _ = load_checkpoint(root / "run" / "nodes" / "high_2")
+    unet_keys = [k for k in base_state if k.startswith("unet.")]
+    assert any(not torch.equal(base_state[k], high_state[k]) for k in unet_keys), "the expert trained"
+    text_key = next(k for k in base_state if k.startswith("text."))
+    assert torch.equal(base_state[text_key], high_state[text_key]), "the text tower stays frozen"
+
+
+def test_the_card_measures_the_observation_and_the_comparison(experts_run):
+    card, _ = experts_run
+    m = card["metrics"]
+    for key in ("alignment", "fid", "base_alignment", "base_fid", "nfe"):
+        assert isinstance(m[key], float | int), key
+    low, high = m["alignment_gain_ci"]
+    assert low <= m["alignment_gain"] + 1e-9 and m["alignment_gain"] - 1e-9 <= high
+    assert list(m["prompt_switch"]) == [f"{f:.1f}" for f in experts_stage.SWITCH_FRACTIONS]
+    assert all(0 <= v <= 1 for v in m["prompt_switch"].values())
+    assert len(m["text_influence"]) == 20 and all(v >= 0 for v in m["text_influence"].values())
+    assert all(0 <= v <= 1.0001 for v in m["attention_entropy"].values())
+    assert m["nfe"] == 2 * m["steps"], "a router costs one UNet per evaluation, as a single model"
+    e = m["embeddings"]
+    for key in ("alignment_text", "alignment_both", "image_match", "image_match_unconditional", "alignment_style"):
+        assert 0 <= e[key] <= 1, key
+    assert e["background_distance_text"] >= 0 and e["background_distance_reference"] >= 0
+
+
+def test_the_loaded_experts_route_by_timestep_and_sample(experts_run):
+    _, root = experts_run
+    model, _ = experts_stage.load(root / "run")
+    assert isinstance(model.pipeline.unet, ExpertRouter)
+    model.pipeline.unet.trace = []
+    images = model.pipeline(["a red circle"], steps=10, seed=0)
+    assert images.shape == (1, 3, 32, 32)
+    assert [name for _, name in model.pipeline.unet.trace] == ["high"] * 2 + ["middle"] * 5 + ["low"] * 3
+
+
+def test_eval_from_the_command_line_and_wrong_inputs(experts_run, capsys, tmp_path):
+    _, root = experts_run
+    assert main(["eval", "experts", "--model", str(root / "run"), "--n", "12", "--json"]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    assert figures["n"] == 12 and "alignment_gain_ci" in figures
+    assert main(["eval", "experts", "--model", str(root / "base"), "--n", "12"]) == 2
+    assert "not experts" in capsys.readouterr().err
+    assert main(["train", "experts", "--profile", "smoke", "--base", str(root / "run"), "--out", str(tmp_path / "x")]) == 2
+    assert "stage ldm" in capsys.readouterr().err
+    assert main(["train", "judge", "--profile", "smoke", "--base", str(root / "base"), "--out", str(tmp_path / "y")]) == 2
+    assert "--base applies" in capsys.readouterr().err
