@@ -48,10 +48,10 @@ def render_canvas(canvas: np.ndarray, size: int = 96) -> np.ndarray:
 
 
 def paint_and_sample(pipeline, prompt: str, regions: dict, weight: float, seed: int = 0, steps: int = 50,
-                     guidance: float = 3.0) -> dict:
+                     guidance: float = 3.0, background: bool = False) -> dict:
     """One painted sample: the ``image`` (H, W, 3) in [0, 1] and, per painted phrase, its
     cross-attention map (mean over layers, heads, steps and the phrase's tokens, at the image's
-    resolution)."""
+    resolution). ``background``: the rest of the canvas on ``<bos>`` (:func:`minildm.paint.token_masks`)."""
     import torch
     import torch.nn.functional as F
 
@@ -59,7 +59,7 @@ def paint_and_sample(pipeline, prompt: str, regions: dict, weight: float, seed: 
     from minildm.paint import phrase_tokens, sample_painted
 
     latents, hook = sample_painted(pipeline, [prompt], regions, weight, steps=steps, guidance=guidance, seed=seed,
-                                   record=bool(regions))
+                                   record=bool(regions), background=background)
     image = to_numpy(pipeline.decode(latents)[0].cpu())
     maps = {}
     for phrase in regions:
@@ -82,7 +82,7 @@ def render_paint_result(result: dict, size: int = 128) -> np.ndarray:
 
 
 def build_paint_canvas(pipeline, prompt: str = "a red circle and a blue square",
-                       phrases: tuple[str, ...] = ("red circle", "blue square"), weight: float = 0.5,
+                       phrases: tuple[str, ...] = ("red circle", "blue square"), weight: float = 0.25,
                        side: int = CANVAS_SIDE):
     """The widget (module docstring). ``panel.controls`` exposes its parts."""
     import ipywidgets as widgets
@@ -96,6 +96,7 @@ def build_paint_canvas(pipeline, prompt: str = "a red circle and a blue square",
     brush = widgets.Dropdown(description="brush")
     weight_slider = widgets.FloatLogSlider(value=weight, base=10, min=-1.5, max=1, step=0.1, description="w′")
     seed_box = widgets.IntText(value=0, description="seed")
+    background_box = widgets.Checkbox(value=True, description="rest of the canvas on <bos>")
     sample_button = widgets.Button(description="sample", button_style="primary")
     clear_button = widgets.Button(description="clear")
     canvas_picture, result_picture = widgets.Image(format="png"), widgets.Image(format="png")
@@ -129,7 +130,8 @@ def build_paint_canvas(pipeline, prompt: str = "a red circle and a blue square",
     def sample(_button=None):
         regions = canvas_regions(state["canvas"], current_phrases())
         try:
-            result = paint_and_sample(pipeline, text.value, regions, weight_slider.value, seed_box.value)
+            result = paint_and_sample(pipeline, text.value, regions, weight_slider.value, seed_box.value,
+                                      background=background_box.value)
         except UserError as error:
             message.value = f"<span style='color:#b00'>{error}</span>"
             return
@@ -145,11 +147,11 @@ def build_paint_canvas(pipeline, prompt: str = "a red circle and a blue square",
     refresh_brushes()
     draw_canvas()
     grid = widgets.GridBox(cells, layout=widgets.Layout(grid_template_columns=f"repeat({side}, 30px)"))
-    panel = widgets.VBox([text, phrase_box, widgets.HBox([brush, weight_slider, seed_box]),
+    panel = widgets.VBox([text, phrase_box, widgets.HBox([brush, weight_slider, seed_box, background_box]),
                           widgets.HBox([grid, canvas_picture]), widgets.HBox([sample_button, clear_button]),
                           message, result_picture])
     panel.controls = {"prompt": text, "phrases": phrase_box, "brush": brush, "weight": weight_slider,
-                      "seed": seed_box, "sample": sample_button, "clear": clear_button, "cells": cells,
+                      "seed": seed_box, "background": background_box, "sample": sample_button, "clear": clear_button, "cells": cells,
                       "canvas": canvas_picture, "result": result_picture, "message": message}
     panel.state = state
     return panel

@@ -27,7 +27,7 @@ from minildm.config import PROFILE_NAMES
 from minildm.errors import UserError
 from minildm.stages import BASED_STAGES, EVAL_STAGES, TRAIN_STAGES
 
-DEFAULT_PAINT_WEIGHT = 0.5  # the reference LDM's best w' (minildm eval paint)
+DEFAULT_PAINT_WEIGHT = 0.25  # the reference LDM's best w', with and without --paint-background (minildm eval paint)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -115,7 +115,7 @@ def cmd_sample(args) -> int:
     paint = _paint_regions(args)
     pipeline, card = sampling_pipeline(args.model)
     images = pipeline([args.prompt] * args.n, steps=args.steps, guidance=args.guidance, seed=args.seed,
-                      paint=paint, paint_weight=args.paint_weight)
+                      paint=paint, paint_weight=args.paint_weight, paint_background=args.paint_background)
     pictures = to_numpy(images)  # (n, H, W, 3) in [0, 1]
     strip = np.concatenate(list(pictures), axis=1).repeat(args.upscale, 0).repeat(args.upscale, 1)
     png = Image.fromarray((strip * 255).round().astype(np.uint8))
@@ -200,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--paint-mask", default=None, help="a PNG whose colours mark the painted regions")
     sample.add_argument("--paint-weight", type=float, default=DEFAULT_PAINT_WEIGHT,
                         help=f"paint-with-words weight w' (default {DEFAULT_PAINT_WEIGHT})")
+    sample.add_argument("--paint-background", action="store_true",
+                        help="also paint the unpainted rest of the canvas on <bos> (moves objects more; see notebook 05)")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--n", type=int, default=1, help="images side by side (default 1)")
     sample.add_argument("--upscale", type=int, default=8, help="nearest-neighbour enlargement of the PNG (default 8)")

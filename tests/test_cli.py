@@ -92,7 +92,11 @@ def test_course_runs_the_built_stages_and_writes_a_report(tmp_path, capsys):
     assert main(["course", "--profile", "smoke", "--out", str(tmp_path), "--quiet"]) == 0
     assert str(tmp_path / "report.md") in capsys.readouterr().out
     report = json.loads((tmp_path / "report.json").read_text())
-    assert list(report["stages"]) == ["judge", "ae", "clip", "ldm", "pixel"] and report["profile"] == "smoke"
+    assert list(report["stages"]) == ["judge", "ae", "clip", "ldm", "pixel", "experts", "paint"]
+    assert report["profile"] == "smoke"
+    assert "follow_b_early" in report["stages"]["experts"]["targets"] and "placement" in report["stages"]["paint"]["targets"]
+    experts_card = json.loads((tmp_path / "experts" / "card.json").read_text())
+    assert experts_card["base"] == str(tmp_path / "ldm"), "the course's experts start from the course's own LDM"
     assert "attribute_accuracy" in report["stages"]["judge"]["targets"]
     assert "judge_alignment_gap" in report["stages"]["ae"]["targets"]
     assert "text_to_image_top1" in report["stages"]["clip"]["targets"]
