@@ -88,4 +88,6 @@ def test_reference_checkpoints_are_small_and_safetensors_only():
         if path.is_file():
             assert path.suffix in (".safetensors", ".json"), f"{path}: safetensors and JSON only"
             total += path.stat().st_size
-    assert total < 60 * 2**20
+    # about 60 MB for stages 0-3; the experts stage ships five UNets in float32 (66 MB: the three
+    # experts, the equal-cost baseline and the several-embeddings model)
+    assert total < 140 * 2**20
