@@ -71,6 +71,12 @@ def cmd_train(args) -> int:
     writable_dir(args.out)
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps {args.steps}: give a positive number of steps")
+    if args.teacher is not None:
+        if args.stage != "add":
+            raise UserError(f"--teacher applies to the add stage (the LDM run to distil), not to {args.stage}")
+        if args.base is not None:
+            raise UserError("--teacher and --base name the same thing for add; give one of them")
+        args.base = args.teacher
     base = {}
     if args.base is not None:
         if args.stage not in BASED_STAGES:
@@ -107,20 +113,24 @@ def cmd_sample(args) -> int:
     from minildm.data.datasets import to_numpy
     from minildm.stages.ldm import sampling_pipeline
 
-    if args.steps < 1 or args.n < 1 or args.upscale < 1:
+    if args.steps is not None and args.steps < 1 or args.n < 1 or args.upscale < 1:
         raise UserError("--steps, --n and --upscale must be positive")
     if not args.out.lower().endswith(".png"):
         raise UserError(f"--out {args.out}: give a .png file name")
     writable_dir(str(Path(args.out).resolve().parent))
     paint = _paint_regions(args)
     pipeline, card = sampling_pipeline(args.model)
+    student = card["stage"] == "add"  # the ADD student: 1 step, no guidance, unless told otherwise
+    args.steps = args.steps if args.steps is not None else (1 if student else 50)
+    args.guidance = args.guidance if args.guidance is not None else (1.0 if student else 3.0)
     images = pipeline([args.prompt] * args.n, steps=args.steps, guidance=args.guidance, seed=args.seed,
                       paint=paint, paint_weight=args.paint_weight, paint_background=args.paint_background)
     pictures = to_numpy(images)  # (n, H, W, 3) in [0, 1]
     strip = np.concatenate(list(pictures), axis=1).repeat(args.upscale, 0).repeat(args.upscale, 1)
     png = Image.fromarray((strip * 255).round().astype(np.uint8))
     atomic_write_file(args.out, lambda path: png.save(path, format="PNG"))
-    print(f"{args.n} image(s) of {args.prompt!r} from the {card['stage']} model, {args.steps} DDIM steps, "
+    sampler = "ADD" if student else "DDIM"
+    print(f"{args.n} image(s) of {args.prompt!r} from the {card['stage']} model, {args.steps} {sampler} steps, "
           f"guidance {args.guidance}, seed {args.seed}: {args.out}")
     return 0
 
@@ -174,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", default=None, help="shapes (default), an image folder with metadata.jsonl, or hub:OWNER/NAME")
     train.add_argument("--base", default=None,
                        help="experts, add: the LDM run to start from (default: the reference ldm)")
+    train.add_argument("--teacher", default=None,
+                       help="add: the LDM run to distil (default: the reference ldm); the same as --base")
     train.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
     train.add_argument("--steps", type=int, default=None, help="total optimisation steps (default: the profile's)")
     train.add_argument("--device", default=None, help="cpu, cuda, cuda:1, … (default: the best available)")
@@ -190,10 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(run=cmd_eval)
 
     sample = sub.add_parser("sample", help="generate an image from a prompt")
-    sample.add_argument("--model", default=None, help="run directory or checkpoint of ldm, pixel or experts (default: the reference ldm)")
+    sample.add_argument("--model", default=None, help="run directory or checkpoint of ldm, pixel, experts or add (default: the reference ldm)")
     sample.add_argument("--prompt", required=True)
-    sample.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
-    sample.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale; 1: none (default 3)")
+    sample.add_argument("--steps", type=int, default=None, help="sampling steps (default: 50 DDIM; an add student: 1)")
+    sample.add_argument("--guidance", type=float, default=None,
+                        help="classifier-free guidance scale; 1: none (default 3; an add student: 1)")
     sample.add_argument("--paint", action="append", default=[], metavar="PHRASE=REGION",
                         help="paint-with-words: PHRASE=x0,y0,x1,y1 (a box, 0-1, y down) or PHRASE=#rrggbb "
                              "(a colour of --paint-mask); repeatable")

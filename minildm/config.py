@@ -123,6 +123,28 @@ class DiffusionConfig:
 
 
 @dataclass(frozen=True)
+class AddConfig:
+    """Adversarial Diffusion Distillation (``minildm.add``, ``minildm.stages.add``): the student's
+    timesteps, the two losses and the discriminator (ADD Sec. 3–4; the paper's value in brackets)."""
+
+    student_timesteps: tuple[int, ...] = (999, 749, 499, 249)  # diffusers' "trailing" 4 steps
+    top_share: float = 0.0  # share of samples at the top timestep; 0: uniform over the four [uniform]
+    losses: str = "both"  # "both" | "adversarial" | "distillation" (Table 1d's ablation)
+    distill_weight: float = 2.5  # λ [2.5]
+    weighting: str = "exponential"  # c(t): "exponential" (α_t) [default] | "sds" (α_t / 2σ_t)
+    distill_space: str = "pixel"  # "pixel" (through the decoder, as the paper) | "latent"
+    # the teacher's classifier-free guidance in the target: the paper names none (the diffusers port
+    # draws w ~ U[1, 8]); measured at 400 steps, 6 gave 1-step alignment 0.50 where 3 gave 0.46
+    teacher_guidance: float = 6.0
+    r1_gamma: float = 1e-5  # R1 on the heads' inputs [1e-5]
+    disc_lr: float = 2e-4
+    disc_betas: tuple[float, float] = (0.0, 0.99)  # StyleGAN-T's Adam
+    cmap_dim: int = 64  # the projection's width [64]
+    image_condition: bool = True  # condition D on the real image's CLIP embedding too [text + image]
+    diff_augment: bool = True  # translation + cutout on D's inputs (StyleGAN-T's DiffAugment)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """One training run of any stage (``minildm.train``)."""
 
@@ -154,9 +176,11 @@ class Profile:
     pixel: DiffusionConfig
     pixel_train: TrainConfig
     experts_train: TrainConfig  # one expert's fine-tuning (eDiff-I); the tree has five
+    add_train: TrainConfig  # the ADD student (its discriminator's optimiser: ``add``)
     eval_n: int  # held-out renders scored by `minildm eval`
     train_eval_n: int  # renders scored at the end of `minildm train` for the card
     extras: dict = field(default_factory=dict)
+    add: AddConfig = field(default_factory=AddConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -185,9 +209,11 @@ def _smoke() -> Profile:
                               space="pixel", sample_steps=5),
         pixel_train=TrainConfig(steps=10, batch_size=8, lr=1e-3, warmup_steps=2, ema_decay=0.9, checkpoint_every=5),
         experts_train=TrainConfig(steps=4, batch_size=8, lr=3e-4, warmup_steps=1, ema_decay=0.9, checkpoint_every=2),
+        add_train=TrainConfig(steps=4, batch_size=8, lr=1e-4, warmup_steps=1, ema_decay=0.9, checkpoint_every=2),
         eval_n=64,
         train_eval_n=64,
-        extras={"cache_size": 64, "diffusion_eval_n": 12, "progress_eval_n": 6, "paint_eval_n": 4},
+        extras={"cache_size": 64, "diffusion_eval_n": 12, "progress_eval_n": 6, "paint_eval_n": 4,
+                "add_cache_size": 64},
     )
 
 
@@ -223,10 +249,14 @@ def _cpu() -> Profile:
         # interval with the text tower frozen: 5 × 450 steps ≈ 15 minutes on this CPU
         experts_train=TrainConfig(steps=450, batch_size=128, lr=3e-4, warmup_steps=30, ema_decay=0.995,
                                   mixed_precision="bf16", checkpoint_every=150),
+        # the ADD student, fine-tuned from the reference LDM against its discriminator
+        add_train=TrainConfig(steps=1000, batch_size=32, lr=1e-4, warmup_steps=50, ema_decay=0.99,
+                              mixed_precision="bf16", checkpoint_every=200),
         eval_n=1000,
         train_eval_n=1000,
         extras={"cache_size": 40_000, "diffusion_eval_n": 656, "progress_eval_n": 120, "pixel_eval_n": 120,
-                "multi_embedding_steps": 900, "paint_eval_n": 160},
+                "multi_embedding_steps": 900, "paint_eval_n": 160,
+                "add_cache_size": 8192},
     )
 
 
@@ -256,6 +286,8 @@ def _gpu() -> Profile:
                                 mixed_precision="bf16", checkpoint_every=1000),
         experts_train=TrainConfig(steps=1500, batch_size=256, lr=2e-4, warmup_steps=100, ema_decay=0.998,
                                   mixed_precision="bf16", checkpoint_every=500),
+        add_train=TrainConfig(steps=3000, batch_size=64, lr=1e-4, warmup_steps=200, ema_decay=0.995,
+                              mixed_precision="bf16", checkpoint_every=500),
         eval_n=1000,
         train_eval_n=1000,
         extras={"cache_size": 100_000, "diffusion_eval_n": 656, "progress_eval_n": 240},

@@ -54,3 +54,57 @@ def draw_grid_lines(ax, image_size: int) -> None:
     for k in range(1, GRID):
         ax.axhline(k * image_size / GRID - 0.5, color="white", lw=0.5, alpha=0.6)
         ax.axvline(k * image_size / GRID - 0.5, color="white", lw=0.5, alpha=0.6)
+
+
+def stat_curves(card: dict, panels: dict[str, list[str]], reference: dict | None = None):
+    """Side-by-side panels of a card's per-step statistics (``card["stat_curves"]``): ``panels``
+    maps a panel title to the statistics drawn in it (e.g. a GAN's two players). The reference
+    run's curves, when given, are drawn under them in grey."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
+    for ax, (title, names) in zip(axes[0], panels.items()):
+        for k, name in enumerate(names):
+            if reference is not None and name in reference.get("stat_curves", {}):
+                steps, values = zip(*reference["stat_curves"][name])
+                ax.plot(steps, values, color="0.75", lw=2)
+            if name in card.get("stat_curves", {}):
+                steps, values = zip(*card["stat_curves"][name])
+                ax.plot(steps, values, color=f"C{k}", lw=1.2, label=name)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def add_diagram():
+    """ADD's three networks and two losses (Sauer et al. 2023, Fig. 2), drawn as boxes and arrows."""
+    fig, ax = plt.subplots(figsize=(11, 3.6))
+    ax.set_xlim(0, 11)
+    ax.set_ylim(0, 4)
+    ax.axis("off")
+    boxes = {
+        "x0": (0.2, 1.7, "real latent x₀\n(noised at s ∈ {999, 749, 499, 249})", "0.9"),
+        "student": (2.6, 1.7, "student x̂_θ\n(UNet, trained;\nstarts as the teacher)", "#cde"),
+        "decoder": (5.0, 2.9, "decoder D\n(frozen)", "0.9"),
+        "disc": (7.4, 2.9, "discriminator\nfrozen ViT F + trained heads\n(+ text, image condition)", "#ecd"),
+        "renoise": (5.0, 0.5, "re-noise at t\nα_t·sg(x̂_θ) + σ_t·ε′", "0.9"),
+        "teacher": (7.4, 0.5, "teacher x̂_ψ (frozen)\nguided x₀ prediction", "#dec"),
+    }
+    for x, y, text, color in boxes.values():
+        ax.add_patch(plt.Rectangle((x, y), 2.1, 0.95, facecolor=color, edgecolor="0.3"))
+        ax.text(x + 1.05, y + 0.47, text, ha="center", va="center", fontsize=7.5)
+
+    def arrow(a, b, label=""):
+        ax.annotate("", xy=b, xytext=a, arrowprops=dict(arrowstyle="->", color="0.2"))
+        if label:
+            ax.text((a[0] + b[0]) / 2, (a[1] + b[1]) / 2 + 0.12, label, fontsize=7, ha="center", color="0.2")
+
+    arrow((2.3, 2.17), (2.6, 2.17))
+    arrow((4.7, 2.4), (5.0, 3.3), "x̂_θ")
+    arrow((7.1, 3.37), (7.4, 3.37), "image")
+    arrow((4.7, 1.9), (5.0, 1.0))
+    arrow((7.1, 0.97), (7.4, 0.97), "x̂_θ,t")
+    ax.text(9.6, 3.37, "L_adv\n(hinge, R1)", fontsize=8, ha="left", va="center", color="C3")
+    ax.text(9.6, 0.97, "λ·L_distill\nc(t)‖x̂_θ − x̂_ψ‖²", fontsize=8, ha="left", va="center", color="C2")
+    fig.tight_layout()
+    return fig

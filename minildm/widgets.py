@@ -439,3 +439,51 @@ def build_sampling_inspector(pipeline, prompt: str = "a red circle to the left o
     panel.controls = {"prompt": text, "seed": seed_box, "step": step, "layer": layer, "token": token,
                       "trajectory": trajectory_picture, "attention": attention_picture, "message": message}
     return panel
+
+
+def student_steps(student, prompt: str, steps: int, seed: int = 0) -> list[np.ndarray]:
+    """The ADD student's x̂₀ after each of its ``steps`` sampling steps, decoded (H, W, 3) in [0, 1]."""
+    predictions = []
+    student([prompt], steps=steps, guidance=1.0, seed=seed,
+            callback=lambda i, t, x, x0: predictions.append(x0.clone()))
+    return [_as_image(student.decode(x0)[0]) for x0 in predictions]
+
+
+def render_student_view(student, teacher, prompt: str, steps: int, seed: int = 0, size: int = 128) -> np.ndarray:
+    """One row: the student's x̂₀ after each of its steps, then the teacher's 50 guided DDIM steps
+    from the same noise, with a white gap before the teacher."""
+    from minildm.data.datasets import to_numpy
+
+    tiles = [upscale(image, size // image.shape[0]) for image in student_steps(student, prompt, steps, seed)]
+    teacher_image = to_numpy(teacher([prompt], seed=seed)[0])
+    gap = np.ones((size, size // 8, 3))
+    return np.concatenate(tiles + [gap, upscale(teacher_image, size // teacher_image.shape[0])], axis=1)
+
+
+def build_student_explorer(student, teacher, prompt: str = "a red circle to the left of a blue square", seed: int = 0):
+    """Type a prompt, pick 1–4 student steps and a seed: the student's x̂₀ after each step, and the
+    teacher's 50-step image from the same noise (the last tile)."""
+    import ipywidgets as widgets
+
+    text = widgets.Text(value=prompt, description="prompt", continuous_update=False, layout=widgets.Layout(width="60%"))
+    steps = widgets.ToggleButtons(options=[1, 2, 4], value=1, description="steps")
+    seed_box = widgets.IntText(value=seed, description="seed")
+    picture, message = widgets.Image(format="png"), widgets.HTML()
+
+    def draw(_change=None):
+        from minildm.errors import UserError
+
+        try:
+            picture.value = to_png(render_student_view(student, teacher, text.value, steps.value, seed_box.value))
+        except UserError as error:
+            message.value = f"<span style='color:#b00'>{error}</span>"
+            return
+        message.value = (f"the student's x̂₀ after each of its {steps.value} step(s), no guidance · "
+                         f"last: the teacher, 50 guided DDIM steps")
+
+    for control in (text, steps, seed_box):
+        control.observe(draw, names="value")
+    draw()
+    panel = widgets.VBox([widgets.HBox([text, seed_box]), steps, message, picture])
+    panel.controls = {"prompt": text, "steps": steps, "seed": seed_box, "picture": picture, "message": message}
+    return panel

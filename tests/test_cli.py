@@ -23,9 +23,13 @@ def test_unknown_stage_names_the_stages():
     assert "unknown stage 'vae'" in line and "judge ae clip ldm pixel experts add" in line
 
 
-def test_stage_not_built_yet_says_so_in_one_line(tmp_path):
-    line = one_line_error(run_cli("train", "add", "--profile", "smoke", "--out", str(tmp_path)))
-    assert "not built yet" in line
+def test_stage_not_built_yet_says_so_in_one_line(tmp_path, monkeypatch):
+    import minildm.stages as stages
+    from minildm.errors import UserError
+
+    monkeypatch.setattr(stages, "BUILT", tuple(s for s in stages.BUILT if s != "add"))  # as before stage 6 landed
+    with pytest.raises(UserError, match="stage 'add' is not built yet"):
+        stages.stage_module("add")
     assert "unknown stage 'paint'" in one_line_error(run_cli("train", "paint", "--profile", "smoke", "--out", str(tmp_path)))
 
 
@@ -92,11 +96,14 @@ def test_course_runs_the_built_stages_and_writes_a_report(tmp_path, capsys):
     assert main(["course", "--profile", "smoke", "--out", str(tmp_path), "--quiet"]) == 0
     assert str(tmp_path / "report.md") in capsys.readouterr().out
     report = json.loads((tmp_path / "report.json").read_text())
-    assert list(report["stages"]) == ["judge", "ae", "clip", "ldm", "pixel", "experts", "paint"]
+    assert list(report["stages"]) == ["judge", "ae", "clip", "ldm", "pixel", "experts", "paint", "add"]
     assert report["profile"] == "smoke"
     assert "follow_b_early" in report["stages"]["experts"]["targets"] and "placement" in report["stages"]["paint"]["targets"]
     experts_card = json.loads((tmp_path / "experts" / "card.json").read_text())
     assert experts_card["base"] == str(tmp_path / "ldm"), "the course's experts start from the course's own LDM"
+    add_card = json.loads((tmp_path / "add" / "card.json").read_text())
+    assert add_card["teacher"] == str(tmp_path / "ldm"), "the course distils its own LDM"
+    assert "speedup_1step" in report["stages"]["add"]["targets"]
     assert "attribute_accuracy" in report["stages"]["judge"]["targets"]
     assert "judge_alignment_gap" in report["stages"]["ae"]["targets"]
     assert "text_to_image_top1" in report["stages"]["clip"]["targets"]

@@ -89,5 +89,5 @@ def test_reference_checkpoints_are_small_and_safetensors_only():
             assert path.suffix in (".safetensors", ".json"), f"{path}: safetensors and JSON only"
             total += path.stat().st_size
     # about 60 MB for stages 0-3; the experts stage ships five UNets in float32 (66 MB: the three
-    # experts, the equal-cost baseline and the several-embeddings model)
-    assert total < 140 * 2**20
+    # experts, the equal-cost baseline and the several-embeddings model); the ADD student 14 MB
+    assert total < 160 * 2**20

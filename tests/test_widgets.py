@@ -135,3 +135,21 @@ def test_sampling_inspector_scrubs_steps_and_shows_attention(tmp_path):
     assert controls["attention"].value != before
     controls["prompt"].value = "a crimson circle"
     assert "crimson" in controls["message"].value
+
+
+def test_student_explorer_shows_each_step_and_the_teacher():
+    from minildm.stages import add as add_stage
+    from minildm.stages import ldm as ldm_stage
+    from minildm.widgets import build_student_explorer, student_steps
+
+    teacher, _ = ldm_stage.load(None)
+    student = add_stage.StudentPipeline(teacher.unet, teacher.cfg, teacher.encoder, teacher.autoencoder, 32,
+                                        (999, 749, 499, 249))  # a student before training: the teacher's weights
+    assert len(student_steps(student, "a red circle", 4)) == 4
+    panel = build_student_explorer(student, teacher)
+    controls = panel.controls
+    one = controls["picture"].value
+    controls["steps"].value = 4
+    assert controls["picture"].value != one and "4 step(s)" in controls["message"].value
+    controls["prompt"].value = "a red hexagon"
+    assert "hexagon" in controls["message"].value and controls["message"].value.startswith("<span")

@@ -14,7 +14,7 @@ from minildm.errors import UserError
 
 TRAIN_STAGES = ("judge", "ae", "clip", "ldm", "pixel", "experts", "add")
 EVAL_STAGES = TRAIN_STAGES + ("paint",)
-BUILT = ("judge", "ae", "clip", "ldm", "pixel", "experts", "paint")
+BUILT = ("judge", "ae", "clip", "ldm", "pixel", "experts", "paint", "add")
 BASED_STAGES = ("experts", "add")  # start from a trained LDM: ``minildm train STAGE --base RUN``
 
 

@@ -223,13 +223,18 @@ def load(path: str | Path | None = None):
 
 
 def sampling_pipeline(path: str | Path | None = None) -> tuple[DiffusionPipeline, dict]:
-    """Any trained text-to-image model as a pipeline: an ldm or pixel run, or an experts run
-    (its router); None: the reference LDM."""
-    if path is not None and load_checkpoint(path)[1].get("stage") == "experts":
+    """Any trained text-to-image model as a pipeline: an ldm or pixel run, an experts run (its
+    router) or an ADD student; None: the reference LDM."""
+    stage = load_checkpoint(path)[1].get("stage") if path is not None else STAGE
+    if stage == "experts":
         from minildm.stages import experts
 
         model, card = experts.load(path)
         return model.pipeline, card
+    if stage == "add":  # the distilled student: 1–4 steps of ADD's sampler, no guidance
+        from minildm.stages import add
+
+        return add.sampling_pipeline(path)
     return load_pipeline(path)
 
 

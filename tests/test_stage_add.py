@@ -1,0 +1,123 @@
+"""Stage 6: the ADD student distilled from an LDM teacher, its sampler, its measurements."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from minildm.checkpoints import load_checkpoint
+from minildm.cli import main
+from minildm.config import get_profile, with_overrides
+from minildm.errors import UserError
+from minildm.stages import add as add_stage
+from minildm.stages import ldm as ldm_stage
+
+
+@pytest.fixture(scope="module")
+def add_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("add")
+    profile = with_overrides(get_profile("smoke"), ["ldm_train.steps=20"])
+    ldm_stage.train(profile, str(root / "teacher"), progress=False)
+    code = main(["train", "add", "--profile", "smoke", "--teacher", str(root / "teacher"), "--out", str(root / "run"),
+                 "--quiet"])
+    assert code == 0
+    return json.loads((root / "run" / "card.json").read_text()), root
+
+
+def test_the_student_starts_from_the_teacher_and_only_its_unet_trains(add_run):
+    card, root = add_run
+    assert card["stage"] == "add" and card["teacher"] == str(root / "teacher")
+    assert card["config"]["add"]["student_timesteps"] == [999, 749, 499, 249]
+    teacher, _ = load_checkpoint(root / "teacher")
+    student, _ = load_checkpoint(root / "run")
+    assert set(teacher) == set(student)
+    assert any(not torch.equal(teacher[k], student[k]) for k in teacher if k.startswith("unet."))
+    assert all(torch.equal(teacher[k], student[k]) for k in teacher if k.startswith("text."))
+    for name in ("distill", "g_adv", "d_loss", "r1", "d_real_positive", "d_fake_positive"):
+        assert name in card["stat_curves"], f"both players' curves are recorded: {name}"
+
+
+def test_the_discriminator_heads_are_checkpointed_without_the_frozen_vit(add_run):
+    from minildm.checkpoints import load_tensors
+
+    _, root = add_run
+    heads = load_tensors(root / "run" / "checkpoint" / "critic.safetensors")
+    assert heads and all(k.startswith("heads.") for k in heads), "the ViT is frozen and not saved"
+
+
+def test_the_evaluation_measures_student_teacher_and_forced_teacher(add_run):
+    card, _ = add_run
+    m = card["metrics"]
+    for key in ("alignment_1step", "fid_1step", "alignment_2step", "alignment_4step", "fid_4step",
+                "teacher_alignment", "teacher_fid", "teacher_ddim_1step_alignment", "teacher_ddim_4step_alignment",
+                "alignment_ratio_1step", "fid_ratio_1step"):
+        assert isinstance(m[key], float), key
+    for key in ("alignment_1step", "alignment_4step", "teacher_alignment", "teacher_ddim_1step_alignment"):
+        assert 0 <= m[key] <= 1
+    assert m["speedup_1step"] > 1, "one student step is cheaper than 50 guided teacher steps"
+    assert m["alignment_ratio_1step"] == pytest.approx(m["alignment_1step"] / max(m["teacher_alignment"], 1e-9))
+
+
+def test_sampling_is_deterministic_per_seed_and_refuses_guidance(add_run):
+    _, root = add_run
+    model, _ = add_stage.load(root / "run")
+    a = model.student(["a red circle"], steps=1, guidance=1.0, seed=3)
+    b = model.student(["a red circle"], steps=1, guidance=1.0, seed=3)
+    c = model.student(["a red circle"], steps=4, guidance=1.0, seed=3)
+    assert a.shape == (1, 3, 32, 32) and torch.equal(a, b) and not torch.equal(a, c)
+    with pytest.raises(UserError, match="without guidance"):
+        model.student(["a red circle"], steps=1, guidance=3.0)
+
+
+def test_minildm_sample_takes_one_step_without_guidance_for_a_student(add_run, tmp_path, capsys):
+    _, root = add_run
+    out = tmp_path / "s.png"
+    assert main(["sample", "--model", str(root / "run"), "--prompt", "a blue square", "--out", str(out)]) == 0
+    assert out.is_file() and "1 ADD steps" in capsys.readouterr().out
+
+
+def test_the_ablation_switches_each_loss_off():
+    profile = get_profile("smoke")
+    state, card = load_checkpoint(ldm_stage.REFERENCE)
+    from minildm.config import DiffusionConfig, config_from_dict
+
+    diffusion = config_from_dict(DiffusionConfig, card["config"]["diffusion"])
+    encoder, autoencoder = ldm_stage._parts("latent", 32)
+    cache = ldm_stage.ItemCache(8, 0, 32, autoencoder, image_encoder=encoder)
+    text = {"category": add_stage.pooled_text(encoder, cache.category), "full": add_stage.pooled_text(encoder, cache.full)}
+
+    def task(losses):
+        cfg = dataclasses.replace(profile.add, losses=losses)
+        return add_stage.AddTask(cfg, diffusion, state, encoder, autoencoder, cache, text, 4, 0)
+
+    distill_only = task("distillation")
+    assert distill_only.critic is None
+    batch = distill_only.batch(0, 0, 1)
+    _, stats = distill_only.loss(distill_only.model, batch)
+    assert set(stats) == {"distill"}
+    adversarial = task("adversarial")
+    _, stats = adversarial.loss(adversarial.model, adversarial.batch(0, 0, 1))
+    assert set(stats) == {"g_adv"}
+
+
+@pytest.mark.parametrize("assignment, message", [
+    ("add.losses=gan", "add.losses"),
+    ("add.weighting=nfsd", "add.weighting"),
+    ("add.student_timesteps=[1000]", "student_timesteps"),
+])
+def test_bad_settings_get_one_line(assignment, message, tmp_path, capsys):
+    code = main(["train", "add", "--profile", "smoke", "--set", assignment, "--out", str(tmp_path / "run")])
+    assert code != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_a_teacher_that_is_not_an_ldm_is_refused(tmp_path, capsys):
+    from minildm.stages import ae as ae_stage
+
+    code = main(["train", "add", "--profile", "smoke", "--teacher", str(ae_stage.REFERENCE), "--out", str(tmp_path / "r")])
+    assert code != 0 and "latent diffusion model" in capsys.readouterr().err
+    code = main(["train", "ldm", "--profile", "smoke", "--teacher", str(ldm_stage.REFERENCE), "--out", str(tmp_path / "r")])
+    assert code != 0 and "--teacher applies to the add stage" in capsys.readouterr().err
