@@ -77,7 +77,9 @@ def test_minildm_sample_takes_one_step_without_guidance_for_a_student(add_run, t
     assert out.is_file() and "1 ADD steps" in capsys.readouterr().out
 
 
-def test_the_ablation_switches_each_loss_off():
+@pytest.fixture(scope="module")
+def make_task():
+    """AddTask(**changes to the add config) on the reference teacher and an 8-item cache."""
     profile = get_profile("smoke")
     state, card = load_checkpoint(ldm_stage.REFERENCE)
     from minildm.config import DiffusionConfig, config_from_dict
@@ -87,9 +89,25 @@ def test_the_ablation_switches_each_loss_off():
     cache = ldm_stage.ItemCache(8, 0, 32, autoencoder, image_encoder=encoder)
     text = {"category": add_stage.pooled_text(encoder, cache.category), "full": add_stage.pooled_text(encoder, cache.full)}
 
-    def task(losses):
-        cfg = dataclasses.replace(profile.add, losses=losses)
+    def task(**changes):
+        cfg = dataclasses.replace(profile.add, **changes)
         return add_stage.AddTask(cfg, diffusion, state, encoder, autoencoder, cache, text, 4, 0)
+
+    return task
+
+
+def test_student_timesteps_are_uniform_or_favour_the_top(make_task):
+    torch.manual_seed(0)
+    uniform = make_task().student_timestep_indices(20_000, "cpu")
+    assert torch.allclose(torch.bincount(uniform, minlength=4) / 20_000, torch.full((4,), 0.25), atol=0.02)
+    top = make_task(top_share=0.7).student_timestep_indices(20_000, "cpu")
+    shares = torch.bincount(top, minlength=4) / 20_000
+    assert abs(float(shares[0]) - 0.7) < 0.02 and torch.allclose(shares[1:], torch.full((3,), 0.1), atol=0.02)
+
+
+def test_the_ablation_switches_each_loss_off(make_task):
+    def task(losses):
+        return make_task(losses=losses)
 
     distill_only = task("distillation")
     assert distill_only.critic is None
@@ -105,6 +123,7 @@ def test_the_ablation_switches_each_loss_off():
     ("add.losses=gan", "add.losses"),
     ("add.weighting=nfsd", "add.weighting"),
     ("add.student_timesteps=[1000]", "student_timesteps"),
+    ("add.top_share=2", "top_share"),
 ])
 def test_bad_settings_get_one_line(assignment, message, tmp_path, capsys):
     code = main(["train", "add", "--profile", "smoke", "--set", assignment, "--out", str(tmp_path / "run")])
