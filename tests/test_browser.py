@@ -95,11 +95,14 @@ def jupyterlab(tmp_path_factory):
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{plugin.split('/')[2]}.jupyterlab-settings").write_text(json.dumps(values))
     port, token = _free_port(), secrets.token_hex(16)
-    env = {**os.environ, "MINILDM_PROFILE": "smoke", "JUPYTERLAB_SETTINGS_DIR": str(settings)}
+    # its own settings and workspaces: no tab of an earlier session is restored beside the notebook
+    env = {**os.environ, "MINILDM_PROFILE": "smoke", "JUPYTERLAB_SETTINGS_DIR": str(settings),
+           "JUPYTERLAB_WORKSPACES_DIR": str(root / "_workspaces")}
     log = open(root / "_server.log", "w")
     server = subprocess.Popen(
         [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
-         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}", "--ServerApp.open_browser=False"],
+         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}", "--ServerApp.open_browser=False",
+         "--allow-root"],  # CI machines run as root
         env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
@@ -125,12 +128,21 @@ def _code_cells(notebook: Path) -> int:
     return sum(c["cell_type"] == "code" for c in json.loads(notebook.read_text())["cells"])
 
 
+PANEL = ".jp-NotebookPanel:not(.lm-mod-hidden)"  # the notebook on show (not another tab's)
+
+
 def _run_all(page, n_code: int) -> None:
     """Run > Run All Cells, then wait until every code cell has an execution count."""
-    page.get_by_role("menuitem", name="Run", exact=True).click()
-    page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
-    deadline = time.time() + RUN_TIMEOUT_S
-    prompts = page.locator(".jp-Notebook .jp-CodeCell .jp-InputPrompt")
+    prompts = page.locator(f"{PANEL} .jp-CodeCell .jp-InputPrompt")
+    for attempt in range(3):  # a click that lands before the kernel is wired up runs nothing: again
+        page.get_by_role("menuitem", name="Run", exact=True).click()
+        page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
+        started = time.time()
+        while time.time() < started + 30 and not any(re.search(r"\[(\*|\d+)\]", t) for t in prompts.all_inner_texts()):
+            time.sleep(0.5)
+        if any(re.search(r"\[(\*|\d+)\]", t) for t in prompts.all_inner_texts()):
+            break
+    deadline, stopped_since = time.time() + RUN_TIMEOUT_S, None
     while time.time() < deadline:
         texts = prompts.all_inner_texts()
         done = [t for t in texts if re.search(r"\[\d+\]", t)]
@@ -138,22 +150,28 @@ def _run_all(page, n_code: int) -> None:
             return
         if _errors(page):
             return  # Run All stops at the first error; the caller reports it
+        if any("*" in t for t in texts):
+            stopped_since = None
+        elif stopped_since is None:
+            stopped_since = time.time()
+        elif time.time() - stopped_since > 30:
+            pytest.fail(f"execution stopped before the end, with no error shown: prompts {texts}")
         time.sleep(1)
     pytest.fail(f"the notebook did not finish within {RUN_TIMEOUT_S} s: prompts {texts}")
 
 
 def _errors(page) -> list[str]:
-    outputs = page.locator(".jp-OutputArea-output").all_inner_texts()
+    outputs = page.locator(f"{PANEL} .jp-OutputArea-output").all_inner_texts()
     return [o[-1500:] for o in outputs if "Traceback (most recent call last)" in o or "Error displaying widget" in o]
 
 
 def _widget_images(page) -> list[str]:
-    return page.locator(".jupyter-widgets img").evaluate_all("imgs => imgs.map(i => i.src)")
+    return page.locator(f"{PANEL} .jupyter-widgets img").evaluate_all("imgs => imgs.map(i => i.src)")
 
 
 def _labelled(page, description: str, kind: str):
     """The widget of ``kind`` (a CSS class) whose description label reads ``description``."""
-    return page.locator(f".jupyter-widgets.{kind}").filter(
+    return page.locator(f"{PANEL} .jupyter-widgets.{kind}").filter(
         has=page.locator(".widget-label", has_text=re.compile(rf"^{re.escape(description)}$")))
 
 
@@ -166,14 +184,14 @@ def _interact(page, interaction) -> None:
             else "ArrowRight"
         handle.press(key)
     elif kind == "toggle":
-        page.locator(".widget-toggle-buttons button", has_text=re.compile(rf"^{interaction[1]}$")).first.click()
+        page.locator(f"{PANEL} .widget-toggle-buttons button", has_text=re.compile(rf"^{interaction[1]}$")).first.click()
     elif kind == "text":
         box = _labelled(page, interaction[1], "widget-text").first.locator("input")
         box.fill(interaction[2])
         box.press("Enter")
     elif kind == "buttons":
         for label in interaction[1]:
-            buttons = page.locator(".jupyter-widgets.widget-button")
+            buttons = page.locator(f"{PANEL} .jupyter-widgets.widget-button")
             button = buttons.filter(has_text=re.compile(r"^\s*$")).first if label == "" else \
                 buttons.filter(has_text=re.compile(rf"^\s*{label}\s*$")).first
             button.click()
@@ -191,15 +209,16 @@ def test_notebook_runs_and_its_widgets_render_and_respond(notebook, browser_page
         browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         try:
-            page.goto(f"{url}/lab/tree/{notebook.name}?token={token}")
-            page.locator(".jp-Notebook .jp-CodeCell").first.wait_for(timeout=120_000)
-            page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").first.wait_for(timeout=120_000)
+            page.goto(f"{url}/lab/workspaces/{notebook.stem}/tree/{notebook.name}?reset&token={token}")
+            page.locator(f"{PANEL} .jp-CodeCell").first.wait_for(timeout=120_000, state="attached")
+            # the kernel started and idle, as the status bar says ("Python 3 (ipykernel) | Idle")
+            page.locator(".jp-StatusBar-Widget", has_text=re.compile(r"\|\s*Idle")).first.wait_for(timeout=120_000)
             _run_all(page, _code_cells(notebook))
             assert not _errors(page), f"{notebook.name}: a cell shows an error:\n" + "\n---\n".join(_errors(page))
             if spec is None:
                 return
-            page.locator(".jupyter-widgets").first.wait_for(timeout=60_000)
-            labels = page.locator(".jupyter-widgets .widget-label").all_inner_texts()
+            page.locator(f"{PANEL} .jupyter-widgets").first.wait_for(timeout=60_000)
+            labels = page.locator(f"{PANEL} .jupyter-widgets .widget-label").all_inner_texts()
             for control in spec["controls"]:
                 assert control in labels, f"{notebook.name}: no {control!r} control among {labels}"
             page.wait_for_function("() => [...document.querySelectorAll('.jupyter-widgets img')]"
