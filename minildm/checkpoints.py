@@ -153,6 +153,17 @@ def load_json(path: str | Path):
         raise UserError(f"cannot read {path}: {error}") from None
 
 
+def load_stage_checkpoint(path: str | Path | None, reference: Path, stage: str,
+                          what: str) -> tuple[Path, dict[str, torch.Tensor], dict]:
+    """``(folder, state_dict, card)`` of a run of ``stage`` (None: the ``reference`` one); a
+    checkpoint of another stage is one line saying it is not ``what``."""
+    folder = resolve_checkpoint(reference if path is None else path)
+    state, card = load_checkpoint(folder)
+    if card.get("stage") != stage:
+        raise UserError(f"{folder} holds a {card.get('stage')!r} checkpoint, not {what}")
+    return folder, state, card
+
+
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """``(state_dict, card)`` of the checkpoint that ``path`` names (see :func:`resolve_checkpoint`)."""
     folder = resolve_checkpoint(path)

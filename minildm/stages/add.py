@@ -36,7 +36,8 @@ import torch
 
 from minildm.add import (WEIGHTINGS, add_sample, distillation_loss, distillation_weight, sampling_timesteps,
                          student_input)
-from minildm.checkpoints import CARD, atomic_write_file, load_checkpoint, load_state_into, resolve_checkpoint, save_json
+from minildm.checkpoints import (CARD, atomic_write_file, load_checkpoint, load_stage_checkpoint, load_state_into,
+                                 save_json)
 from minildm.config import EVAL_SEED, AddConfig, DiffusionConfig, Profile, ShapesConfig, config_from_dict
 from minildm.data.datasets import shapes_batch
 from minildm.discriminator import (ProjectedDiscriminator, generator_adversarial_loss, hinge_discriminator_loss,
@@ -305,10 +306,7 @@ class Distilled:
 
 
 def load(path: str | Path | None = None) -> tuple[Distilled, dict]:
-    folder = resolve_checkpoint(REFERENCE if path is None else path)
-    state, card = load_checkpoint(folder)
-    if card.get("stage") != STAGE:
-        raise UserError(f"{folder} holds a {card.get('stage')!r} checkpoint, not an ADD student")
+    folder, state, card = load_stage_checkpoint(path, REFERENCE, STAGE, "an ADD student")
     diffusion = config_from_dict(DiffusionConfig, card["config"]["diffusion"])
     cfg = config_from_dict(AddConfig, card["config"]["add"])
     image_size = card.get("image_size", 32)

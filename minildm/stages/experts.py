@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minildm.checkpoints import (CARD, WEIGHTS, atomic_write_file, load_checkpoint, load_state_into,
-                                 resolve_checkpoint, save_json, save_tensors)
+from minildm.checkpoints import (CARD, WEIGHTS, atomic_write_file, load_checkpoint, load_stage_checkpoint,
+                                 load_state_into, save_json, save_tensors)
 from minildm.config import EVAL_SEED, DiffusionConfig, Profile, config_from_dict
 from minildm.diffusion import NoiseSchedule
 from minildm.errors import UserError
@@ -152,10 +152,7 @@ default_eval_n = ldm.default_eval_n
 # ------------------------------------------------------------------------------------ loading
 def load(path: str | Path | None = None) -> tuple[Experts, dict]:
     """The experts (behind their router) and the equal-cost baseline of a run, and its card."""
-    folder = resolve_checkpoint(REFERENCE if path is None else path)
-    state, card = load_checkpoint(folder)
-    if card.get("stage") != STAGE:
-        raise UserError(f"{folder} holds a {card.get('stage')!r} checkpoint, not experts")
+    folder, state, card = load_stage_checkpoint(path, REFERENCE, STAGE, "experts")
     cfg = config_from_dict(DiffusionConfig, card["config"]["diffusion"])
     image_size = card.get("image_size", 32)
     encoder, autoencoder = ldm._parts(cfg.space, image_size)
