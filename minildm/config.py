@@ -159,6 +159,11 @@ class TrainConfig:
     mixed_precision: str = "no"  # "no" | "bf16" | "fp16" (fp16 on CUDA only)
     checkpoint_every: int = 500
     seed: int = TRAIN_SEED
+    # Gradient accumulation: each process computes a step's gradient as ``accumulate`` micro-batches
+    # in turn, each the batch and randomness of one "virtual rank" (its share of the global batch),
+    # and averages them. ``N`` processes with ``accumulate = k`` train exactly like ``N·k``
+    # processes: the global batch and the model do not depend on how the work is split.
+    accumulate: int = 1
 
 
 @dataclass(frozen=True)

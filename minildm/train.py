@@ -7,6 +7,8 @@ A stage describes itself as a :class:`TrainingTask` (its network, its batches, i
   mixed precision, so ``torchrun --nproc_per_node N`` or ``accelerate launch`` spreads the same
   code over several GPUs (or CPU processes with gloo) unchanged. Rank ``r`` of ``N`` trains on
   ``task.batch(step, r, N)``; the gradients are averaged across ranks before each update.
+  ``TrainConfig.accumulate = k`` makes each process play ``k`` ranks one after the other
+  (gradient accumulation), so one process with ``k = 2`` makes the same model as two processes.
 * **EMA weights** (``torch.optim.swa_utils.AveragedModel``): an exponential moving average of the
   weights, smoother than the last step's; they are what ``model.safetensors`` holds and what
   sampling and evaluation use.
@@ -37,6 +39,7 @@ A run folder, when finished::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -164,6 +167,7 @@ def train(task: TrainingTask, cfg: TrainConfig, out_dir: str | Path, *, resume: 
     """
     accelerator = _make_accelerator(cfg, device)
     rank, world_size = accelerator.process_index, accelerator.num_processes
+    virtual_ranks = world_size * cfg.accumulate  # see TrainConfig.accumulate
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, resume)
     accelerator.wait_for_everyone()
@@ -205,13 +209,21 @@ def train(task: TrainingTask, cfg: TrainConfig, out_dir: str | Path, *, resume: 
 
     try:
         for step in range(start, cfg.steps):
-            torch.manual_seed(step_seed(cfg.seed, step, rank))  # dropout, noise, timesteps...
-            batch = send_to_device(task.batch(step, rank, world_size), accelerator.device)
             if critic is not None:
                 critic.requires_grad_(False)  # the model's loss may look through the critic
-            with accelerator.autocast():
-                loss, stats = task.loss(ddp_model, batch)
-            accelerator.backward(loss)
+            batches, rng_after, losses, step_stats = [], [], [], []
+            for micro in range(cfg.accumulate):  # one micro-batch per virtual rank of this process
+                virtual = rank * cfg.accumulate + micro
+                torch.manual_seed(step_seed(cfg.seed, step, virtual))  # dropout, noise, timesteps...
+                batch = send_to_device(task.batch(step, virtual, virtual_ranks), accelerator.device)
+                with _sync_on_last(accelerator, ddp_model, micro, cfg.accumulate):
+                    with accelerator.autocast():
+                        loss, stats = task.loss(ddp_model, batch)
+                    accelerator.backward(loss / cfg.accumulate)
+                batches.append(batch)
+                rng_after.append(_rng_state(accelerator.device))
+                losses.append(loss.detach())
+                step_stats.append(stats)
             if cfg.grad_clip:
                 accelerator.clip_grad_norm_(ddp_model.parameters(), cfg.grad_clip)
             ddp_optimizer.step()
@@ -219,8 +231,10 @@ def train(task: TrainingTask, cfg: TrainConfig, out_dir: str | Path, *, resume: 
                 scheduler.step()
             ddp_optimizer.zero_grad(set_to_none=True)
             ema.update_parameters(model)
+            loss, stats = torch.stack(losses).mean(), _mean_stats(step_stats)
             if critic is not None:
-                stats = {**stats, **_critic_step(task, ddp_critic, ddp_critic_optimizer, batch, accelerator)}
+                stats = {**stats, **_critic_step(task, ddp_critic, ddp_critic_optimizer, batches, rng_after,
+                                                 accelerator)}
 
             _record(history, accelerator, loss, stats)
             recent = history["loss"][-20:]
@@ -274,25 +288,57 @@ def _measure(task, ema_model: torch.nn.Module, measuring: dict) -> dict:
     return figures
 
 
-def _critic_step(task, critic, optimizer, batch, accelerator: Accelerator) -> dict[str, float]:
-    """One step of the critic on ``task.critic_loss`` (nothing when it returns None)."""
+def _critic_step(task, critic, optimizer, batches: list, rng_after: list, accelerator: Accelerator) -> dict[str, float]:
+    """One step of the critic on ``task.critic_loss`` over this step's micro-batches (nothing when
+    it returns None). Micro-batch ``j`` runs with the random state its model loss left behind, as
+    it would on a process of its own."""
     critic.requires_grad_(True)
     optimizer.zero_grad(set_to_none=True)  # drop what the model's loss left in its gradients
-    with accelerator.autocast():
-        result = task.critic_loss(critic, batch)
-    if result is None:
-        return {}
-    loss, stats = result
-    accelerator.backward(loss)
+    all_stats = []
+    for micro, (batch, rng) in enumerate(zip(batches, rng_after)):
+        _set_rng_state(rng, accelerator.device)
+        with _sync_on_last(accelerator, critic, micro, len(batches)):
+            with accelerator.autocast():
+                result = task.critic_loss(critic, batch)
+            if result is None:
+                optimizer.zero_grad(set_to_none=True)
+                return {}
+            loss, stats = result
+            accelerator.backward(loss / len(batches))
+        all_stats.append(stats)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return stats
+    return _mean_stats(all_stats)
+
+
+def _sync_on_last(accelerator: Accelerator, model, micro: int, micro_batches: int):
+    """Data-parallel gradient averaging on the last micro-batch only (``no_sync`` before it)."""
+    return contextlib.nullcontext() if micro == micro_batches - 1 else accelerator.no_sync(model)
+
+
+def _mean_stats(stats: list[dict[str, float]]) -> dict[str, float]:
+    """The mean of each stat over the micro-batches that report it."""
+    names = {name for s in stats for name in s}
+    return {name: sum(float(s[name]) for s in stats if name in s) / sum(name in s for s in stats)
+            for name in sorted(names)}
+
+
+def _rng_state(device: torch.device):
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def _set_rng_state(state, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
 
 
 def _make_accelerator(cfg: TrainConfig, device: str | None) -> Accelerator:
     if cfg.mixed_precision not in MIXED_PRECISIONS:
         raise UserError(f"unknown mixed precision {cfg.mixed_precision!r}; choose one of: "
                         f"{', '.join(MIXED_PRECISIONS)}")
+    if cfg.accumulate < 1:
+        raise UserError(f"accumulate must be a whole number of micro-batches >= 1, not {cfg.accumulate}")
     if device not in (None, "cpu", "cuda"):
         raise UserError(f"unknown device {device!r}; choose cpu or cuda, or leave it out")
     if device == "cuda" and not torch.cuda.is_available():

@@ -187,6 +187,7 @@ def train_diffusion(stage: str, cfg: DiffusionConfig, train_cfg, profile: Profil
     started = time.perf_counter()
     cache = ItemCache(profile.extras.get("cache_size", 40_000), train_cfg.seed, image_size, autoencoder)
     cache_seconds = time.perf_counter() - started
+    torch.manual_seed(train_cfg.seed)  # initial weights: a function of the seed alone, however many processes
     task = DiffusionTask(cfg, cache, encoder, train_cfg.batch_size, train_cfg.seed, stage, autoencoder,
                          profile.extras.get("progress_eval_n", 0))
     card = train_loop(task, train_cfg, out, resume=resume, device=device, command=command, progress=progress,
