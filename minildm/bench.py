@@ -15,13 +15,34 @@ a fact about the code. Each timing is the median of several repeats after a warm
 * ``attention_explicit_speed_vs_sdpa`` — forward and backward of one attention layer at the
   UNet's 8×8 self-attention size with ``F.scaled_dot_product_attention`` over the explicit
   matmul–softmax that :mod:`minildm.attention` uses (above 1: explicit is faster).
+* ``ldm_step_bf16_speedup`` — the LDM UNet's training step in fp32 over bf16 autocast.
+* ``latent_vs_pixel_sampling_speedup`` — LDM's claim: the reference latent model's guided DDIM
+  sampling (decoder included) against the reference pixel model's, images per second.
+* ``add_1step_vs_teacher_speedup`` — ADD's claim: the reference student's single step against its
+  teacher's 50 guided steps, both decoded (``minildm.stages.add.sampling_speed``).
+* ``ldm_step_flops_share_of_matmul_peak`` — the FLOP/s a bf16 LDM training step achieves (its
+  FLOPs counted by ``torch.utils.flop_counter``) over the FLOP/s of one large bf16 matrix multiply
+  on this device: how much of the machine a small UNet can use.
+* ``stages`` — each stage's training throughput (images/s, the profile's batch and precision) and
+  the peak memory of a process that does nothing but build the stage and train it for a few
+  steps (CPU: peak resident memory, interpreter and torch included — ``baseline_process_mb`` is a
+  process that only imports them; CUDA: peak allocated tensor memory). The experts' step is the
+  LDM's (on an interval of t), so it is not timed twice.
 * plus the absolute throughputs behind the ratios, for the record.
+
+The sampling ratios use the reference checkpoints (the cpu profile's models) whatever ``--profile``
+says; the training figures use the profile's sizes.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 from accelerate.utils import send_to_device
@@ -97,8 +118,10 @@ def run_bench(profile_name: str = "cpu", device: str | None = None) -> dict:
     ae_batch = send_to_device(ae_task.batch(profile.ae.disc_start, 0, 1), device)  # GAN switched on
     ae_fp32, ae_bf16 = _speedup(ae_task, ae_batch, device)
 
-    unet_ours, unet_diffusers, unet_params = _unet_step_times(profile, device)
+    unet_ours, unet_diffusers, unet_params, unet_fp32, unet_flops = _unet_step_times(profile, device)
     attention_sdpa, attention_explicit = _attention_times(profile, device)
+    matmul_flops_per_s = matmul_rate(device, torch.bfloat16)
+    sampling = _sampling_speedups(device, profile)
 
     return {
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)",
@@ -116,6 +139,14 @@ def run_bench(profile_name: str = "cpu", device: str | None = None) -> dict:
         "unet_parameters_ours_and_diffusers": unet_params,
         "ldm_train_steps_per_s_bf16": round(1 / unet_ours, 2),
         "attention_explicit_speed_vs_sdpa": round(attention_sdpa / attention_explicit, 3),
+        "ldm_step_bf16_speedup": round(unet_fp32 / unet_ours, 3),
+        **sampling,
+        "ldm_step_gflop": round(unet_flops / 1e9, 2),
+        "ldm_step_gflop_per_s_bf16": round(unet_flops / unet_ours / 1e9, 1),
+        "matmul_gflop_per_s_bf16": round(matmul_flops_per_s / 1e9, 1),
+        "ldm_step_flops_share_of_matmul_peak": round(unet_flops / unet_ours / matmul_flops_per_s, 3),
+        "stages": {name: stage_figures_in_subprocess(name, profile.name, device) for name in THROUGHPUT_STAGES},
+        "baseline_process_mb": stage_figures_in_subprocess("none", profile.name, device)["peak_memory_mb"],
     }
 
 
@@ -144,11 +175,11 @@ def _unet_step_times(profile, device: str):
     t = torch.randint(0, 1000, (batch,), device=device)
     context = torch.randn(batch, 12, cfg.context_dim, device=device)
 
-    def step_fn(model, forward):
+    def step_fn(model, forward, dtype=torch.bfloat16):
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
         def step():
-            with torch.autocast(device, dtype=torch.bfloat16):
+            with torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None):
                 loss = forward(model).float().pow(2).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -156,14 +187,160 @@ def _unet_step_times(profile, device: str):
         return step
 
     ours = UNet(cfg).to(device)
-    t_ours = _median_time(step_fn(ours, lambda m: m(x, t, {"context": context})), repeats=3)
+    forward = lambda m: m(x, t, {"context": context})  # noqa: E731
+    t_ours = _median_time(step_fn(ours, forward), repeats=3)
+    t_fp32 = _median_time(step_fn(ours, forward, None), repeats=3)
+    flops = training_step_flops(ours, forward)
     try:
         theirs = matched_diffusers_unet(cfg).to(device)
     except ImportError:
-        return t_ours, None, None
+        return t_ours, None, None, t_fp32, flops
     t_theirs = _median_time(step_fn(theirs, lambda m: m(x, t, encoder_hidden_states=context).sample), repeats=3)
     params = [sum(p.numel() for p in m.parameters()) for m in (ours, theirs)]
-    return t_ours, t_theirs, params
+    return t_ours, t_theirs, params, t_fp32, flops
+
+
+def training_step_flops(model, forward) -> int:
+    """FLOPs of one forward and backward pass, counted by ``torch.utils.flop_counter`` (matrix
+    multiplies and convolutions: what dominates; elementwise work is not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        forward(model).float().pow(2).mean().backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def matmul_rate(device: str, dtype: torch.dtype, size: int = 2048) -> float:
+    """FLOP/s of one ``size``×``size`` matrix multiply in ``dtype``: this device's practical peak."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+
+    def run():
+        a @ b
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+    return 2 * size**3 / _median_time(run)
+
+
+def _sampling_speedups(device: str, profile) -> dict:
+    """Latent against pixel sampling, and the ADD student against its teacher (reference models)."""
+    from minildm.stages import add as add_stage
+    from minildm.stages import ldm, pixel
+
+    batch = 16 if profile.name == "smoke" else 64
+    prompts = [record["prompt"] for record in ldm.evaluation_prompts(batch)]
+    steps = 5 if profile.name == "smoke" else 50
+    seconds = {}
+    for name, stage in (("latent", ldm), ("pixel", pixel)):
+        pipeline, _ = stage.load(None)
+        pipeline.unet.to(device)
+        if pipeline.autoencoder is not None:
+            pipeline.autoencoder.to(device)
+        pipeline(prompts[:2], steps=2)  # warm-up
+        seconds[name] = _median_time(lambda: pipeline(prompts, steps=steps), repeats=1, warmup=0)
+    distilled, _ = add_stage.load(None)
+    if profile.name == "smoke":
+        distilled.teacher.cfg = dataclasses.replace(distilled.teacher.cfg, sample_steps=steps)
+    add = add_stage.sampling_speed(distilled, prompts, repeats=2)
+    return {"latent_vs_pixel_sampling_speedup": round(seconds["pixel"] / seconds["latent"], 2),
+            "latent_images_per_s": round(batch / seconds["latent"], 1),
+            "pixel_images_per_s": round(batch / seconds["pixel"], 1),
+            "add_1step_vs_teacher_speedup": round(add["speedup_1step"], 1),
+            "add_1step_vs_teacher_denoising_speedup": round(add["speedup_1step_denoising"], 1),
+            "sampling_steps_and_batch": [steps, batch]}
+
+
+# ------------------------------------------------------------------------ per-stage throughput
+THROUGHPUT_STAGES = ("judge", "ae", "clip", "ldm", "pixel", "add")
+STEPS_TIMED = 3
+
+
+def stage_task(name: str, profile):
+    """The training task of stage ``name`` as the stage builds it, with a small item cache, and
+    the batch of one step (the autoencoder's with its GAN switched on)."""
+    from minildm.data.datasets import ShapesDataset
+    from minildm.judge import JudgeTask
+    from minildm.stages import add as add_stage
+    from minildm.stages import judge as judge_stage
+    from minildm.stages import ldm
+    from minildm.stages.ae import AutoencoderTask
+    from minildm.stages.clip import ClipTask
+
+    if name == "judge":
+        task = JudgeTask(profile.judge, profile.shapes, profile.judge_train.batch_size)
+    elif name == "ae":
+        judge = judge_stage.load(None)[0] if profile.ae.perceptual_weight > 0 else None
+        task = AutoencoderTask(profile.ae, ShapesDataset(10**9, cfg=profile.shapes), profile.ae_train.batch_size,
+                               0, judge)
+        return task, task.batch(profile.ae.disc_start, 0, 1)
+    elif name == "clip":
+        task = ClipTask(profile.clip, profile.clip_train.batch_size, profile.clip_train.seed)
+    elif name in ("ldm", "pixel"):
+        train_cfg = getattr(profile, f"{name}_train")
+        task = ldm.make_task(name, getattr(profile, name), train_cfg, profile, cache_size=2 * train_cfg.batch_size)
+    elif name == "add":
+        task = add_stage.make_task(profile, profile.add_train, cache_size=2 * profile.add_train.batch_size)[0]
+    else:
+        raise ValueError(f"no throughput figure for stage {name!r}")
+    return task, task.batch(0, 0, 1)
+
+
+def stage_figures(name: str, profile_name: str, device: str) -> dict:
+    """Images/s of stage ``name``'s training step (the profile's batch size and mixed precision)
+    and this process's peak memory. Meant to run in a process of its own."""
+    profile = get_profile(profile_name)
+    figures = {}
+    if name != "none":
+        task, batch = stage_task(name, profile)
+        task.model.to(device)
+        if getattr(task, "critic", None) is not None:
+            task.critic.to(device)
+        batch = send_to_device(batch, device)
+        train_cfg = getattr(profile, f"{name}_train")
+        dtype = torch.bfloat16 if train_cfg.mixed_precision == "bf16" else None
+        step = training_step_fn(task, batch, device, dtype)
+
+        def timed():
+            step()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+        figures["train_images_per_s"] = round(train_cfg.batch_size / _median_time(timed, STEPS_TIMED, 1), 1)
+        figures["batch_size"] = train_cfg.batch_size
+        figures["mixed_precision"] = train_cfg.mixed_precision
+    if device.startswith("cuda"):
+        figures["peak_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    else:
+        figures["peak_memory_mb"] = peak_resident_mb()
+    return figures
+
+
+def peak_resident_mb() -> float | None:
+    """This process's peak resident memory. Linux: ``VmHWM`` — not ``ru_maxrss``, which a child
+    process inherits from its parent's size at the fork and keeps across ``exec``."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)  # kB
+    except OSError:
+        pass
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
+
+
+def stage_figures_in_subprocess(name: str, profile_name: str, device: str) -> dict:
+    """:func:`stage_figures` in a fresh Python process, so that its peak memory is the stage's alone."""
+    code = ("import json, sys; from minildm.bench import stage_figures; "
+            "print(json.dumps(stage_figures(*sys.argv[1:4])))")
+    result = subprocess.run([sys.executable, "-c", code, name, profile_name, device],
+                            capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"bench of stage {name} failed:\n{result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def _attention_times(profile, device: str):

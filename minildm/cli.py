@@ -3,7 +3,8 @@
 ::
 
     minildm train STAGE --profile P --out RUN_DIR [--data SPEC] [--resume] [--steps N] [--device D]
-                  [--set SECTION.FIELD=VALUE ...]
+                  [--set SECTION.FIELD=VALUE ...] [--base RUN | --teacher RUN]
+                  [--judge RUN] [--autoencoder RUN] [--encoder RUN]   (the earlier runs it builds on)
     minildm sample [--model RUN_OR_CKPT] --prompt TEXT [--steps N] [--guidance S] [--seed N] [--n N] --out FILE.png
     minildm eval STAGE --model RUN_OR_CKPT [--n N] --json
     minildm bench [--json]
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from minildm.config import PROFILE_NAMES
 from minildm.errors import UserError
-from minildm.stages import BASED_STAGES, EVAL_STAGES, TRAIN_STAGES
+from minildm.stages import BASED_STAGES, EVAL_STAGES, TRAIN_STAGES, UPSTREAM
 
 DEFAULT_PAINT_WEIGHT = 0.25  # the reference LDM's best w', with and without --paint-background (minildm eval paint)
 
@@ -83,6 +84,13 @@ def cmd_train(args) -> int:
             raise UserError(f"--base applies to the stages that start from a trained model ({' '.join(BASED_STAGES)}), "
                             f"not to {args.stage}")
         base = {"base": args.base}
+    for part in ("judge", "autoencoder", "encoder"):
+        if getattr(args, part) is not None:
+            if part not in UPSTREAM.get(args.stage, ()):
+                users = " ".join(s for s, parts in UPSTREAM.items() if part in parts)
+                raise UserError(f"--{part} applies to the stages that build on a trained {part} ({users}), "
+                                f"not to {args.stage}")
+            base[part] = getattr(args, part)
     card = stage.train(profile, args.out, resume=args.resume, steps=args.steps, device=args.device,
                        data=args.data, command=_command_line(), progress=not args.quiet, **base)
     if card is not None:
@@ -186,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="experts, add: the LDM run to start from (default: the reference ldm)")
     train.add_argument("--teacher", default=None,
                        help="add: the LDM run to distil (default: the reference ldm); the same as --base")
+    train.add_argument("--judge", default=None, help="ae: the judge run for the perceptual loss (default: the reference)")
+    train.add_argument("--autoencoder", default=None, help="ldm: the autoencoder run (default: the reference)")
+    train.add_argument("--encoder", default=None, help="ldm, pixel: the text encoder (clip) run (default: the reference)")
     train.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
     train.add_argument("--steps", type=int, default=None, help="total optimisation steps (default: the profile's)")
     train.add_argument("--device", default=None, help="cpu, cuda, cuda:1, … (default: the best available)")

@@ -202,7 +202,7 @@ def _smoke() -> Profile:
         ae=AutoencoderConfig(image_size=size, channels=8, disc_channels=8, disc_start=10, perceptual_weight=1.0),
         ae_train=TrainConfig(steps=20, batch_size=8, lr=1e-3, betas=(0.5, 0.9), warmup_steps=2,
                              ema_decay=0.9, checkpoint_every=10),
-        clip=ClipConfig(image_size=size, vision_width=16, vision_layers=1, text_width=16, text_layers=1,
+        clip=ClipConfig(image_size=size, vision_width=16, vision_layers=1, text_width=64, text_layers=1,  # text_width: the LDM's context_dim
                         heads=2, projection_dim=16, twin_share=0.5),
         clip_train=TrainConfig(steps=20, batch_size=16, lr=2e-3, warmup_steps=5, ema_decay=0.9,
                                checkpoint_every=10),

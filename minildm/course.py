@@ -1,8 +1,16 @@
-"""``minildm course`` — the headless course: every built stage in order, then one report.
+"""``minildm course`` — the headless course: every stage in order, from scratch, then one report.
+
+Each stage trains on the runs of the stages before it — the autoencoder's perceptual loss on the
+course's judge, the LDM on the course's autoencoder and text encoder, the experts and the ADD
+student on the course's LDM — so nothing but the measuring instrument comes from the references:
+every metric is read by the *reference* judge, the course's fixed ruler (as FID always uses the
+same Inception network), so that a course run and the reference runs compare.
 
 For each stage: train it with the profile (``DIR/<stage>/``), measure it with its ``evaluate``,
-check its targets, and draw its loss curve over the reference's. The report is
-``DIR/report.md`` (for people) and ``DIR/report.json`` (for programs).
+check its targets, and draw its loss curve over the reference's. One progress line per stage.
+Interrupted, a second call with the same ``DIR`` skips the finished stages (``DIR/<stage>/course.json``)
+and resumes the unfinished one at the step of its last checkpoint. The report is ``DIR/report.md``
+(for people) and ``DIR/metrics.json`` (for programs).
 """
 
 from __future__ import annotations
@@ -12,7 +20,10 @@ import time
 from pathlib import Path
 
 from minildm.config import Profile
-from minildm.stages import BASED_STAGES, BUILT, TRAIN_STAGES, stage_module
+from minildm.stages import BASED_STAGES, BUILT, TRAIN_STAGES, UPSTREAM, stage_module
+
+STAGE_OF_PART = {"judge": "judge", "autoencoder": "ae", "encoder": "clip"}
+DONE = "course.json"
 
 
 def check_targets(metrics: dict, targets: dict) -> dict:
@@ -25,61 +36,107 @@ def check_targets(metrics: dict, targets: dict) -> dict:
     return out
 
 
-def run_course(profile: Profile, out: Path, progress: bool = True) -> Path:
-    from minildm import plots
-    from minildm.checkpoints import load_checkpoint
+def upstream_runs(name: str, out: Path) -> dict[str, str]:
+    """The course's own earlier runs that stage ``name`` builds on, as ``stage.train`` keywords."""
+    runs = {part: str(out / STAGE_OF_PART[part]) for part in UPSTREAM.get(name, ())}
+    if name in BASED_STAGES:
+        runs["base"] = str(out / "ldm")  # experts and ADD start from the course's own LDM
+    return runs
+
+
+def run_course(profile: Profile, out: Path, progress: bool = True, log=print) -> Path:
+    """Run (or resume) the course in ``out``; returns the path of ``report.md``."""
+    from minildm.checkpoints import load_json, save_json
 
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     results = {"profile": profile.name, "stages": {}}
-    lines = [f"# minildm course report — profile `{profile.name}`", ""]
-    for name in BUILT:
-        if name not in TRAIN_STAGES:  # an evaluation of a trained model (paint-with-words)
-            lines += _evaluate_only(name, profile, out, results)
+    started = time.time()
+    for number, name in enumerate(BUILT, 1):
+        prefix = f"course [{number}/{len(BUILT)}] {name}:"
+        done_file = out / name / DONE
+        if done_file.exists():
+            results["stages"][name] = load_json(done_file)
+            log(f"{prefix} finished in an earlier call ({results['stages'][name]['wall_time_s']:.0f} s), skipped",
+                flush=True)
             continue
-        stage = stage_module(name)
-        run_dir = out / name
-        start = time.time()
-        based = {"base": str(out / "ldm")} if name in BASED_STAGES else {}  # the course's own LDM
-        card = stage.train(profile, str(run_dir), command=f"minildm course --profile {profile.name}",
-                           progress=progress, resume=(run_dir / "checkpoint").exists(), **based)
-        metrics = card["metrics"]
-        checks = check_targets(metrics, getattr(stage, "TARGETS", {}))
-        try:
-            _, reference = load_checkpoint(stage.REFERENCE)
-        except Exception:  # noqa: BLE001 - the report simply has no reference curve then
-            reference = None
-        fig = plots.loss_curves(card, reference, title=f"{name}: training loss")
-        fig.savefig(run_dir / "loss_curve.png", dpi=120)
-        results["stages"][name] = {"wall_time_s": round(time.time() - start, 1), "steps": card["steps"],
-                                   "metrics": metrics, "targets": checks}
-        lines += [f"## {name}", "",
-                  f"{card['steps']} steps in {card['wall_time_s']:.0f} s on {card['device']}; "
-                  f"weights and card in `{run_dir}`.", "",
-                  "| metric | value | target | met |", "|---|---|---|---|"]
-        for metric, check in checks.items():
-            lines.append(f"| {metric} | {check['value']:.4f} | {check['target']} | {'yes' if check['met'] else 'no'} |")
-        if profile.name == "smoke":
-            lines += ["", "(smoke profile: a few steps to prove the code runs; targets are for the cpu profile)"]
-        lines += ["", f"![loss curve]({name}/loss_curve.png)", ""]
-    (out / "report.json").write_text(json.dumps(results, indent=2))
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+        log(f"{prefix} {_starting(out / name)} …", flush=True)
+        stage_start = time.time()
+        result = _train_stage(name, profile, out, progress) if name in TRAIN_STAGES else _evaluate_only(name, profile, out)
+        result["wall_time_s"] = round(time.time() - stage_start, 1)
+        save_json(done_file, result)
+        results["stages"][name] = result
+        met = [check["met"] for check in result["targets"].values()]
+        log(f"{prefix} done in {result['wall_time_s']:.0f} s, targets met {sum(met)}/{len(met)}; "
+            f"course {time.time() - started:.0f} s so far", flush=True)
+    results["wall_time_s"] = round(sum(r["wall_time_s"] for r in results["stages"].values()), 1)
+    all_checks = [c["met"] for r in results["stages"].values() for c in r["targets"].values()]
+    results["targets_met"] = [sum(all_checks), len(all_checks)]
+    (out / "metrics.json").write_text(json.dumps(results, indent=2))
+    (out / "report.md").write_text(report_markdown(results, out))
     return out / "report.md"
 
 
-def _evaluate_only(name: str, profile: Profile, out: Path, results: dict) -> list[str]:
-    """A stage that trains nothing: measured on the course's own LDM."""
+def _starting(run_dir: Path) -> str:
+    state = run_dir / "checkpoint" / "state.json"
+    if state.exists():
+        return f"resuming at step {json.loads(state.read_text())['step']}"
+    return "resuming" if run_dir.exists() and any(run_dir.iterdir()) else "training from scratch"
+
+
+def _train_stage(name: str, profile: Profile, out: Path, progress: bool) -> dict:
+    from minildm import plots
+    from minildm.checkpoints import load_checkpoint
+
+    stage = stage_module(name)
+    run_dir = out / name
+    card = stage.train(profile, str(run_dir), command=f"minildm course --profile {profile.name}",
+                       progress=progress, resume=(run_dir / "checkpoint").exists(), **upstream_runs(name, out))
+    try:
+        _, reference = load_checkpoint(stage.REFERENCE)
+    except Exception:  # noqa: BLE001 - the report simply has no reference curve then
+        reference = None
+    fig = plots.loss_curves(card, reference, title=f"{name}: training loss")
+    fig.savefig(run_dir / "loss_curve.png", dpi=120)
+    return {"steps": card["steps"], "train_wall_time_s": card["wall_time_s"], "device": card["device"],
+            "builds_on": upstream_runs(name, out), "metrics": card["metrics"],
+            "targets": check_targets(card["metrics"], getattr(stage, "TARGETS", {})), "loss_curve": "loss_curve.png"}
+
+
+def _evaluate_only(name: str, profile: Profile, out: Path) -> dict:
+    """A stage that trains nothing (paint-with-words): measured on the course's own LDM."""
     from minildm.checkpoints import save_json
 
     stage = stage_module(name, BUILT)
-    start = time.time()
     model, _ = stage.load(out / "ldm")
     metrics = stage.evaluate(model, stage.default_eval_n(profile))
     (out / name).mkdir(parents=True, exist_ok=True)
     save_json(out / name / "metrics.json", metrics)
-    checks = check_targets(metrics, getattr(stage, "TARGETS", {}))
-    results["stages"][name] = {"wall_time_s": round(time.time() - start, 1), "metrics": metrics, "targets": checks}
-    lines = [f"## {name}", "", f"measured on `{out / 'ldm'}` (nothing to train)", "",
-             "| metric | value | target | met |", "|---|---|---|---|"]
-    for metric, check in checks.items():
-        lines.append(f"| {metric} | {check['value']:.4f} | {check['target']} | {'yes' if check['met'] else 'no'} |")
-    return lines + [""]
+    return {"builds_on": {"ldm": str(out / "ldm")}, "metrics": metrics,
+            "targets": check_targets(metrics, getattr(stage, "TARGETS", {}))}
+
+
+def report_markdown(results: dict, out: Path) -> str:
+    met, total = results["targets_met"]
+    lines = [f"# minildm course report — profile `{results['profile']}`", "",
+             f"{len(results['stages'])} stages in {results['wall_time_s']:.0f} s; targets met: {met} of {total}.", ""]
+    if results["profile"] == "smoke":
+        lines += ["(smoke profile: a few steps to prove the code runs; the targets are for the cpu profile)", ""]
+    for name, result in results["stages"].items():
+        lines += [f"## {name}", ""]
+        if "steps" in result:
+            lines.append(f"{result['steps']} steps, {result['train_wall_time_s']:.0f} s of training on "
+                         f"{result['device']} ({result['wall_time_s']:.0f} s with measuring); weights and card in "
+                         f"`{out / name}`.")
+        else:
+            lines.append(f"measured on `{out / 'ldm'}` (nothing to train), {result['wall_time_s']:.0f} s.")
+        if result["builds_on"]:
+            lines.append("Builds on: " + ", ".join(f"{part} `{path}`" for part, path in result["builds_on"].items()) + ".")
+        lines += ["", "| metric | value | target | met |", "|---|---|---|---|"]
+        for metric, check in result["targets"].items():
+            value = "—" if check["value"] is None else f"{check['value']:.4f}"
+            lines.append(f"| {metric} | {value} | {check['target']} | {'yes' if check['met'] else 'no'} |")
+        if "loss_curve" in result:
+            lines += ["", f"![loss curve]({name}/{result['loss_curve']})"]
+        lines.append("")
+    return "\n".join(lines) + "\n"

@@ -90,25 +90,62 @@ def test_bench_reports_ratios(capsys):
     assert figures["unet_step_speed_vs_diffusers"] > 0 and figures["attention_explicit_speed_vs_sdpa"] > 0
     ours, theirs = figures["unet_parameters_ours_and_diffusers"]
     assert abs(ours - theirs) / ours < 0.05, "the diffusers UNet is matched to ours"
+    for ratio in ("ldm_step_bf16_speedup", "latent_vs_pixel_sampling_speedup", "add_1step_vs_teacher_speedup",
+                  "ldm_step_flops_share_of_matmul_peak"):
+        assert figures[ratio] > 0, ratio
+    assert figures["ldm_step_gflop"] > 0 and figures["matmul_gflop_per_s_bf16"] > 0
+    assert set(figures["stages"]) == {"judge", "ae", "clip", "ldm", "pixel", "add"}
+    for name, stage in figures["stages"].items():
+        assert stage["train_images_per_s"] > 0 and stage["batch_size"] > 0, name
+        assert stage["peak_memory_mb"] > figures["baseline_process_mb"] > 0, f"{name}: measured in a process of its own"
 
 
 def test_course_runs_the_built_stages_and_writes_a_report(tmp_path, capsys):
     assert main(["course", "--profile", "smoke", "--out", str(tmp_path), "--quiet"]) == 0
-    assert str(tmp_path / "report.md") in capsys.readouterr().out
-    report = json.loads((tmp_path / "report.json").read_text())
-    assert list(report["stages"]) == ["judge", "ae", "clip", "ldm", "pixel", "experts", "paint", "add"]
-    assert report["profile"] == "smoke"
+    printed = capsys.readouterr().out
+    assert str(tmp_path / "report.md") in printed
+    stages = ["judge", "ae", "clip", "ldm", "pixel", "experts", "paint", "add"]
+    progress = [line for line in printed.splitlines() if line.startswith("course [")]
+    assert len(progress) == 2 * len(stages), "a line when each stage starts and one when it ends"
+    assert "[4/8] ldm: training from scratch" in printed and "[4/8] ldm: done in " in printed
+    report = json.loads((tmp_path / "metrics.json").read_text())
+    assert list(report["stages"]) == stages
+    assert report["profile"] == "smoke" and report["targets_met"][1] >= 8
     assert "follow_b_early" in report["stages"]["experts"]["targets"] and "placement" in report["stages"]["paint"]["targets"]
+    # trained from scratch: each stage on the course's own earlier runs
+    ae_card = json.loads((tmp_path / "ae" / "card.json").read_text())
+    assert ae_card["judge"] == str(tmp_path / "judge"), "the course's autoencoder learns on the course's judge"
+    ldm_card = json.loads((tmp_path / "ldm" / "card.json").read_text())
+    assert ldm_card["parts"] == {"encoder": str(tmp_path / "clip"), "autoencoder": str(tmp_path / "ae")}
+    pixel_card = json.loads((tmp_path / "pixel" / "card.json").read_text())
+    assert pixel_card["parts"] == {"encoder": str(tmp_path / "clip"), "autoencoder": None}
     experts_card = json.loads((tmp_path / "experts" / "card.json").read_text())
     assert experts_card["base"] == str(tmp_path / "ldm"), "the course's experts start from the course's own LDM"
+    assert experts_card["parts"] == ldm_card["parts"]
     add_card = json.loads((tmp_path / "add" / "card.json").read_text())
     assert add_card["teacher"] == str(tmp_path / "ldm"), "the course distils its own LDM"
+    assert add_card["parts"] == ldm_card["parts"]
     assert "speedup_1step" in report["stages"]["add"]["targets"]
     assert "attribute_accuracy" in report["stages"]["judge"]["targets"]
     assert "judge_alignment_gap" in report["stages"]["ae"]["targets"]
     assert "text_to_image_top1" in report["stages"]["clip"]["targets"]
     assert (tmp_path / "judge" / "loss_curve.png").exists() and (tmp_path / "ae" / "loss_curve.png").exists()
     assert "| attribute_accuracy |" in (tmp_path / "report.md").read_text()
+
+    # interrupted: the last stage lost its finish mark and sits at a checkpoint; a second call
+    # skips what is done and resumes there
+    (tmp_path / "add" / "course.json").unlink()
+    (tmp_path / "add" / "model.safetensors").unlink()
+    assert main(["course", "--profile", "smoke", "--out", str(tmp_path), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "[1/8] judge: finished in an earlier call" in printed
+    assert "[8/8] add: resuming at step" in printed and "[8/8] add: done in " in printed
+    assert json.loads((tmp_path / "metrics.json").read_text())["stages"]["add"]["steps"] == add_card["steps"]
+
+
+def test_train_builds_on_named_runs_only_where_it_can(capsys):
+    assert main(["train", "judge", "--profile", "smoke", "--out", "/tmp/x", "--autoencoder", "runs/ae"]) == 2
+    assert "--autoencoder applies to the stages that build on a trained autoencoder (ldm)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["train", "--help"]])

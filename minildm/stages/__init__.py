@@ -16,6 +16,10 @@ TRAIN_STAGES = ("judge", "ae", "clip", "ldm", "pixel", "experts", "add")
 EVAL_STAGES = TRAIN_STAGES + ("paint",)
 BUILT = ("judge", "ae", "clip", "ldm", "pixel", "experts", "paint", "add")
 BASED_STAGES = ("experts", "add")  # start from a trained LDM: ``minildm train STAGE --base RUN``
+# The earlier runs a stage builds on (default: the references), ``minildm train STAGE --PART RUN``:
+# the judge's features in the autoencoder's perceptual loss; the autoencoder and the text encoder
+# of the diffusion models. The course passes its own runs, so that it is trained from scratch.
+UPSTREAM = {"ae": ("judge",), "ldm": ("autoencoder", "encoder"), "pixel": ("encoder",)}
 
 
 def stage_module(name: str, accepted: tuple[str, ...] = TRAIN_STAGES):

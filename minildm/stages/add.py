@@ -258,6 +258,27 @@ def _teacher(base: str | None) -> tuple[Path, dict, dict]:
     return path, state, card
 
 
+def make_task(profile: Profile, train_cfg, base: str | None = None,
+              cache_size: int | None = None) -> tuple[AddTask, Path, dict]:
+    """The ADD task — student initialised from the teacher ``base`` (default: the reference LDM),
+    its discriminator, the encoded item cache — and the teacher's path and card."""
+    check_config(profile.add)
+    teacher_path, teacher_state, teacher_card = _teacher(base)
+    diffusion = config_from_dict(DiffusionConfig, teacher_card["config"]["diffusion"])
+    diffusion = dataclasses.replace(diffusion, train_text_encoder=False)
+    image_size = teacher_card.get("image_size", profile.shapes.image_size)
+    encoder, autoencoder = ldm._parts(diffusion.space, image_size, teacher_card.get("parts"))
+    if autoencoder is None:
+        raise UserError(f"--teacher {teacher_path} is a pixel-space model; ADD distils the latent one")
+    cache = ldm.ItemCache(cache_size or profile.extras.get("add_cache_size", 8192), train_cfg.seed, image_size,
+                          autoencoder, image_encoder=encoder)
+    cache.image_embeddings = torch.nn.functional.normalize(cache.image_embeddings, dim=-1)
+    text_embeddings = {"category": pooled_text(encoder, cache.category), "full": pooled_text(encoder, cache.full)}
+    task = AddTask(profile.add, diffusion, teacher_state, encoder, autoencoder, cache, text_embeddings,
+                   train_cfg.batch_size, train_cfg.seed, profile.extras.get("progress_eval_n", 0), str(teacher_path))
+    return task, teacher_path, teacher_card
+
+
 def train(profile: Profile, out: str, *, base: str | None = None, resume=False, steps=None, device=None,
           data=None, command=None, progress=True, eval_n: int | None = None) -> dict | None:
     """Distil the teacher ``base`` (default: the reference LDM) into a few-step student; measure it."""
@@ -266,27 +287,15 @@ def train(profile: Profile, out: str, *, base: str | None = None, resume=False, 
     if data not in (None, "shapes"):
         raise UserError(f"--data {data}: the ADD student is measured by the judge on the shapes world's "
                         "prompts, so it accepts only --data shapes")
-    check_config(profile.add)
-    teacher_path, teacher_state, teacher_card = _teacher(base)
-    diffusion = config_from_dict(DiffusionConfig, teacher_card["config"]["diffusion"])
-    diffusion = dataclasses.replace(diffusion, train_text_encoder=False)
     train_cfg = profile.add_train if steps is None else dataclasses.replace(profile.add_train, steps=steps)
-    image_size = teacher_card.get("image_size", profile.shapes.image_size)
-    encoder, autoencoder = ldm._parts(diffusion.space, image_size)
-    if autoencoder is None:
-        raise UserError(f"--teacher {teacher_path} is a pixel-space model; ADD distils the latent one")
     started = time.perf_counter()
-    cache = ldm.ItemCache(profile.extras.get("add_cache_size", 8192), train_cfg.seed, image_size, autoencoder,
-                          image_encoder=encoder)
-    cache.image_embeddings = torch.nn.functional.normalize(cache.image_embeddings, dim=-1)
-    text_embeddings = {"category": pooled_text(encoder, cache.category), "full": pooled_text(encoder, cache.full)}
+    task, teacher_path, teacher_card = make_task(profile, train_cfg, base)
     cache_seconds = time.perf_counter() - started
-    task = AddTask(profile.add, diffusion, teacher_state, encoder, autoencoder, cache, text_embeddings,
-                   train_cfg.batch_size, train_cfg.seed, profile.extras.get("progress_eval_n", 0), str(teacher_path))
+    image_size, parts = teacher_card.get("image_size", profile.shapes.image_size), teacher_card.get("parts")
     teacher_name = None if base is None else str(teacher_path)  # None: the reference, wherever the repo is
     card = train_loop(task, train_cfg, out, resume=resume, device=device, command=command, progress=progress,
                       extra_card={"profile": profile.name, "image_size": image_size, "teacher": teacher_name,
-                                  "cache_seconds": round(cache_seconds, 1)})
+                                  "parts": parts, "cache_seconds": round(cache_seconds, 1)})
     if not is_main_process():
         return None
     model, _ = load(out)
@@ -310,7 +319,7 @@ def load(path: str | Path | None = None) -> tuple[Distilled, dict]:
     diffusion = config_from_dict(DiffusionConfig, card["config"]["diffusion"])
     cfg = config_from_dict(AddConfig, card["config"]["add"])
     image_size = card.get("image_size", 32)
-    encoder, autoencoder = ldm._parts(diffusion.space, image_size)
+    encoder, autoencoder = ldm._parts(diffusion.space, image_size, card.get("parts"))
     model = TextConditionedUNet(UNet(diffusion.unet), copy.deepcopy(encoder.text_model), False)
     load_state_into(model, state, str(folder))
     student = StudentPipeline(model.unet, diffusion, encoder.with_text_model(model.text), autoencoder, image_size,

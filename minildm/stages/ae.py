@@ -118,18 +118,23 @@ class AutoencoderTask:
 
 
 def train(profile: Profile, out: str, *, resume=False, steps=None, device=None, data=None,
-          command=None, progress=True) -> dict | None:
-    """Train the autoencoder, measure its scale factor, and (shapes world) its metrics."""
+          command=None, progress=True, judge: str | None = None) -> dict | None:
+    """Train the autoencoder, measure its scale factor, and (shapes world) its metrics.
+
+    ``judge``: the judge run whose features make the perceptual loss (default: the reference).
+    The metrics are always read by the reference judge, the course's fixed ruler."""
     from minildm.stages import judge as judge_stage
     from minildm.train import is_main_process, train as train_loop
 
     cfg = profile.ae
     train_cfg = profile.ae_train if steps is None else dataclasses.replace(profile.ae_train, steps=steps)
     dataset = load_image_dataset(data or "shapes", cfg.image_size, seed=train_cfg.seed)
-    judge = judge_stage.load(None)[0] if cfg.perceptual_weight > 0 else None
+    judge_path = judge
+    judge = judge_stage.load(judge_path)[0] if cfg.perceptual_weight > 0 else None
     task = AutoencoderTask(cfg, dataset, train_cfg.batch_size, train_cfg.seed, judge)
     card = train_loop(task, train_cfg, out, resume=resume, device=device, command=command,
-                      progress=progress, extra_card={"profile": profile.name, "data": data or "shapes"})
+                      progress=progress, extra_card={"profile": profile.name, "data": data or "shapes",
+                                              "judge": None if judge_path is None else str(judge_path)})
     if not is_main_process():
         return None
     model, _ = load(out, check_scale=False)
@@ -138,7 +143,8 @@ def train(profile: Profile, out: str, *, resume=False, steps=None, device=None, 
     card["scale_factor"] = model.measure_scale_factor(calibration[:SCALE_FACTOR_IMAGES],
                                                       torch.Generator().manual_seed(train_cfg.seed))
     atomic_write_file(Path(out) / WEIGHTS, lambda path: save_tensors(path, model.state_dict()))
-    card["metrics"] = evaluate(model, profile.train_eval_n, judge=judge) if cfg.image_size in (32, 64) else {}
+    ruler = judge if judge_path is None else None  # None: evaluate loads the reference judge
+    card["metrics"] = evaluate(model, profile.train_eval_n, judge=ruler) if cfg.image_size in (32, 64) else {}
     atomic_write_file(Path(out) / CARD, lambda path: save_json(path, card))
     return card
 

@@ -88,7 +88,7 @@ def load(path: str | Path):
     """(model, pipeline, card) of a multi-embedding run."""
     state, card = load_checkpoint(path)
     cfg = config_from_dict(DiffusionConfig, card["config"]["diffusion"])
-    encoder, autoencoder = ldm._parts(cfg.space, card.get("image_size", 32))
+    encoder, autoencoder = ldm._parts(cfg.space, card.get("image_size", 32), card.get("parts"))
     model = MultiEmbeddingUNet(UNet(cfg.unet), copy.deepcopy(encoder.text_model),
                                copy.deepcopy(encoder.clip.text_projection))
     load_state_into(model, state, str(path))

@@ -81,7 +81,8 @@ def train(profile: Profile, out: str, *, base: str | None = None, resume=False, 
                               train_text_encoder=False)
     train_cfg = profile.experts_train if steps is None else dataclasses.replace(profile.experts_train, steps=steps)
     image_size = base_card.get("image_size", profile.shapes.image_size)
-    encoder, autoencoder = ldm._parts(cfg.space, image_size)
+    parts = base_card.get("parts")  # the base's autoencoder and encoder
+    encoder, autoencoder = ldm._parts(cfg.space, image_size, parts)
     cache = ldm.ItemCache(profile.extras.get("cache_size", 40_000), train_cfg.seed, image_size, autoencoder,
                           image_encoder=encoder)  # image embeddings: for the multi-embedding model
     nodes, ensemble = expert_tree(NoiseSchedule().steps)
@@ -96,7 +97,7 @@ def train(profile: Profile, out: str, *, base: str | None = None, resume=False, 
         train_loop(task, run_cfg, run_dir, resume=(run_dir / "checkpoint").exists(), device=device,
                    command=command, progress=progress,
                    extra_card={"profile": profile.name, "image_size": image_size, "interval": interval,
-                               "base": str(base_path)})
+                               "base": str(base_path), "parts": parts})
         return load_checkpoint(run_dir)
 
     states, node_cards = {None: base_state}, {}
@@ -113,7 +114,7 @@ def train(profile: Profile, out: str, *, base: str | None = None, resume=False, 
         embeddings.train(embeddings.multi_config(cfg, encoder), multi_cfg, cache, encoder, autoencoder, base_state,
                          multi_dir, resume=(multi_dir / "checkpoint").exists(), device=device, command=command,
                          progress=progress, extra_card={"profile": profile.name, "image_size": image_size,
-                                                        "base": str(base_path)})
+                                                        "base": str(base_path), "parts": parts})
     if not is_main_process():
         return None
 
@@ -128,7 +129,7 @@ def train(profile: Profile, out: str, *, base: str | None = None, resume=False, 
     card = {
         "stage": STAGE, "config": {"diffusion": dataclasses.asdict(cfg)},
         "train": dataclasses.asdict(train_cfg), "profile": profile.name, "image_size": image_size,
-        "base": str(base_path), "command": command,
+        "base": str(base_path), "parts": parts, "command": command,
         "tree": [dataclasses.asdict(node) for node in nodes],
         "experts": {role: {"node": name, "interval": [by_name[name].low, by_name[name].high]}
                     for role, name in zip(ROLES, ensemble)},
@@ -155,7 +156,7 @@ def load(path: str | Path | None = None) -> tuple[Experts, dict]:
     folder, state, card = load_stage_checkpoint(path, REFERENCE, STAGE, "experts")
     cfg = config_from_dict(DiffusionConfig, card["config"]["diffusion"])
     image_size = card.get("image_size", 32)
-    encoder, autoencoder = ldm._parts(cfg.space, image_size)
+    encoder, autoencoder = ldm._parts(cfg.space, image_size, card.get("parts"))
     text = copy.deepcopy(encoder.text_model)
     load_state_into(text, _part(state, "text"), str(folder))
     unets = {}

@@ -157,25 +157,46 @@ class DiffusionTask:
         return {"diffusion": dataclasses.asdict(self.cfg)}
 
 
-def _parts(space: str, image_size: int):
-    """The frozen reference encoder, and the reference autoencoder in latent space."""
+def _parts(space: str, image_size: int, parts: dict | None = None):
+    """The frozen text/image encoder and, in latent space, the autoencoder of a diffusion model.
+
+    ``parts`` (a card's ``"parts"``) names the runs it was trained with: ``{"encoder": RUN,
+    "autoencoder": RUN}``; a missing or None entry means the reference. The course trains its
+    LDM on its own autoencoder and encoder; ``minildm train ldm`` uses the references unless told.
+    """
     from minildm.stages import ae as ae_stage
     from minildm.stages import clip as clip_stage
 
-    encoder = clip_stage.load(None)[0]
+    parts = parts or {}
+    encoder = clip_stage.load(parts.get("encoder"))[0]
     for p in encoder.parameters():
         p.requires_grad_(False)
-    autoencoder = ae_stage.load(None)[0] if space == "latent" else None
+    autoencoder = ae_stage.load(parts.get("autoencoder"))[0] if space == "latent" else None
     if autoencoder is not None and autoencoder.cfg.image_size != image_size:
-        raise UserError(f"the reference autoencoder makes {autoencoder.cfg.image_size} px images, this "
+        raise UserError(f"the autoencoder {parts.get('autoencoder') or '(reference)'} makes {autoencoder.cfg.image_size} px images, this "
                         f"profile {image_size} px; train an autoencoder of that size first")
     return encoder, autoencoder
 
 
+def make_task(stage: str, cfg: DiffusionConfig, train_cfg, profile: Profile, parts: dict | None = None,
+              cache_size: int | None = None) -> DiffusionTask:
+    """The training task of a diffusion stage: its frozen parts, the encoded item cache (the
+    profile's ``cache_size`` items unless given) and a freshly initialised UNet."""
+    image_size = profile.shapes.image_size
+    encoder, autoencoder = _parts(cfg.space, image_size, parts)
+    cache = ItemCache(cache_size or profile.extras.get("cache_size", 40_000), train_cfg.seed, image_size, autoencoder)
+    torch.manual_seed(train_cfg.seed)  # initial weights: a function of the seed alone, however many processes
+    return DiffusionTask(cfg, cache, encoder, train_cfg.batch_size, train_cfg.seed, stage, autoencoder,
+                         profile.extras.get("progress_eval_n", 0))
+
+
 def train_diffusion(stage: str, cfg: DiffusionConfig, train_cfg, profile: Profile, out: str, *, resume=False,
                     steps=None, device=None, data=None, command=None, progress=True,
-                    eval_n: int | None = None) -> dict | None:
-    """Train a diffusion stage (``ldm`` or ``pixel``) and measure it for its card."""
+                    eval_n: int | None = None, autoencoder: str | None = None,
+                    encoder: str | None = None) -> dict | None:
+    """Train a diffusion stage (``ldm`` or ``pixel``) and measure it for its card.
+
+    ``autoencoder`` and ``encoder``: the runs to work with (default: the references)."""
     from minildm.train import is_main_process, train as train_loop
 
     if data not in (None, "shapes"):
@@ -183,16 +204,14 @@ def train_diffusion(stage: str, cfg: DiffusionConfig, train_cfg, profile: Profil
                         "world's prompts, so they accept only --data shapes")
     train_cfg = train_cfg if steps is None else dataclasses.replace(train_cfg, steps=steps)
     image_size = profile.shapes.image_size
-    encoder, autoencoder = _parts(cfg.space, image_size)
+    parts = {"encoder": None if encoder is None else str(encoder),
+             "autoencoder": None if autoencoder is None or cfg.space != "latent" else str(autoencoder)}
     started = time.perf_counter()
-    cache = ItemCache(profile.extras.get("cache_size", 40_000), train_cfg.seed, image_size, autoencoder)
+    task = make_task(stage, cfg, train_cfg, profile, parts)
     cache_seconds = time.perf_counter() - started
-    torch.manual_seed(train_cfg.seed)  # initial weights: a function of the seed alone, however many processes
-    task = DiffusionTask(cfg, cache, encoder, train_cfg.batch_size, train_cfg.seed, stage, autoencoder,
-                         profile.extras.get("progress_eval_n", 0))
     card = train_loop(task, train_cfg, out, resume=resume, device=device, command=command, progress=progress,
                       extra_card={"profile": profile.name, "cache_seconds": round(cache_seconds, 1),
-                                  "image_size": image_size})
+                                  "image_size": image_size, "parts": parts})
     if not is_main_process():
         return None
     pipeline, _ = load_pipeline(out, stage)
@@ -213,7 +232,7 @@ def load_pipeline(path: str | Path | None, stage: str = STAGE) -> tuple[Diffusio
         raise UserError(f"{path} holds a {card.get('stage')!r} checkpoint, not a diffusion model (ldm or pixel)")
     cfg = config_from_dict(DiffusionConfig, card["config"]["diffusion"])
     image_size = card.get("image_size", 32)
-    encoder, autoencoder = _parts(cfg.space, image_size)
+    encoder, autoencoder = _parts(cfg.space, image_size, card.get("parts"))
     model = TextConditionedUNet(UNet(cfg.unet), copy.deepcopy(encoder.text_model), cfg.train_text_encoder)
     load_state_into(model, state, str(path))
     return DiffusionPipeline(model.unet, cfg, encoder.with_text_model(model.text), autoencoder, image_size), card
