@@ -8,6 +8,7 @@
     minildm sample [--model RUN_OR_CKPT] --prompt TEXT [--steps N] [--guidance S] [--seed N] [--n N] --out FILE.png
     minildm eval STAGE --model RUN_OR_CKPT [--n N] --json
     minildm bench [--json]
+    minildm results [--n N] [--json] [--save FILE.json]   (the papers' claims, measured now)
     minildm course --profile P --out DIR
 
 A mistake of the user's (unknown stage, missing checkpoint, bad --data, unwritable --out, …)
@@ -169,6 +170,25 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_results(args) -> int:
+    from minildm import results
+    from minildm.checkpoints import atomic_write_file, save_json
+    from minildm.config import get_profile
+
+    if args.n is not None and args.n < 6:
+        raise UserError(f"--n {args.n}: the diffusion evaluations need at least 6 images (one per category)")
+    profile = get_profile(args.profile)
+    n = args.n if args.n is not None else results.table_n(profile)
+    figures = results.measure(profile, n, log=lambda line: print(line, file=sys.stderr, flush=True))
+    rows = results.claims_table(figures)
+    if args.save:
+        writable_dir(str(Path(args.save).resolve().parent))
+        atomic_write_file(Path(args.save), lambda path: save_json(
+            path, {"profile": profile.name, "n": n, "rows": rows, "figures": figures}))
+    print(json.dumps(rows) if args.json else results.markdown(rows))
+    return 0
+
+
 def cmd_course(args) -> int:
     from minildm.config import get_profile
     from minildm.course import run_course
@@ -236,6 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--profile", choices=PROFILE_NAMES, default="cpu", help="whose model sizes to time (default: cpu)")
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(run=cmd_bench)
+
+    claims = sub.add_parser("results", help="the table of the papers' claims, measured now on the reference checkpoints")
+    claims.add_argument("--profile", choices=PROFILE_NAMES, default=None)
+    claims.add_argument("--n", type=int, default=None, help="prompts per evaluation (default: 12 smoke, 160 otherwise)")
+    claims.add_argument("--json", action="store_true", help="print the rows as one JSON list")
+    claims.add_argument("--save", default=None, metavar="FILE.json", help="also write the rows and every figure behind them")
+    claims.set_defaults(run=cmd_results)
 
     course = sub.add_parser("course", help="every built stage in order, then a report")
     course.add_argument("--profile", choices=PROFILE_NAMES, default=None)

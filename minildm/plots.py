@@ -108,3 +108,48 @@ def add_diagram():
     ax.text(9.6, 0.97, "λ·L_distill\nc(t)‖x̂_θ − x̂_ψ‖²", fontsize=8, ha="left", va="center", color="C2")
     fig.tight_layout()
     return fig
+
+
+def claims_figure(figures: dict, ldm_card: dict, pixel_card: dict):
+    """Notebook 07's four panels, one per claim family, from :func:`minildm.results.measure`'s
+    figures and the latent and pixel reference cards (their training-time progress)."""
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
+
+    ax = axes[0]  # LDM: alignment against training seconds, latent and pixel
+    for card, label in ((ldm_card, "latent (LDM)"), (pixel_card, "pixel")):
+        seconds = [s for _, s, _ in card["progress"]]
+        ax.plot(np.array(seconds) / 60, [m["alignment"] for _, _, m in card["progress"]], "o-", ms=3, label=label)
+    ax.set(xlabel="training minutes (2-core CPU)", ylabel="judge alignment", title="LDM: equal wall clock")
+    ax.legend()
+
+    ax = axes[1]  # eDiff-I: prompt switching
+    switch = figures["experts"]["prompt_switch"]
+    fractions = sorted(switch, key=float)
+    ax.plot([float(f) for f in fractions], [switch[f] for f in fractions], "o-", color="C2")
+    ax.axvspan(0, 0.4, color="C2", alpha=0.08, label="paper: switch here changes the image")
+    ax.axvspan(0.93, 1.0, color="0.5", alpha=0.15, label="paper: switch here changes nothing")
+    ax.set(xlabel="share of the steps done on prompt A", ylabel="samples that follow prompt B", ylim=(-0.05, 1.05),
+           title="eDiff-I: text matters early")
+    ax.legend(fontsize=7)
+
+    ax = axes[2]  # eDiff-I: paint-with-words placement against the weight
+    paint = figures["paint"]
+    for key, label in (("sweep", "paper's formula"), ("sweep_background", "+ background on <bos>")):
+        weights = sorted(paint[key], key=float)
+        ax.plot([float(w) for w in weights], [paint[key][w]["placement"] for w in weights], "o-", label=label)
+    ax.axhline(paint["placement_unpainted"], color="0.5", ls="--", label="unpainted")
+    ax.set(xscale="log", xlabel="paint weight w′", ylabel="placement", ylim=(-0.05, 1.05),
+           title="paint-with-words")
+    ax.legend(fontsize=7)
+
+    ax = axes[3]  # ADD: alignment of the student and the teacher by number of steps
+    add = figures["add"]
+    labels = ["student\n1", "student\n2", "student\n4", "teacher\nDDIM 1", "teacher\nDDIM 4",
+              f"teacher\n{add['teacher_steps']} guided"]
+    values = [add["alignment_1step"], add["alignment_2step"], add["alignment_4step"],
+              add["teacher_ddim_1step_alignment"], add["teacher_ddim_4step_alignment"], add["teacher_alignment"]]
+    ax.bar(range(len(values)), values, color=["C3"] * 3 + ["0.6"] * 3)
+    ax.set_xticks(range(len(values)), labels, fontsize=7)
+    ax.set(ylabel="judge alignment", title=f"ADD: {add['speedup_1step']:.0f}× faster at 1 step")
+    fig.tight_layout()
+    return fig
