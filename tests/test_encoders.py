@@ -98,7 +98,9 @@ def test_a_few_steps_lower_the_contrastive_loss():
         optimizer.step()
         optimizer.zero_grad()
         losses.append(float(loss.detach()))
-    assert losses[0] == pytest.approx(np.log(16), abs=0.3), "a fresh CLIP is at chance: ln(batch)"
+    # a fresh CLIP knows nothing: no better than chance, ln(batch) (worse when its random logits are
+    # confident: with the smoke profile's 64-wide text tower the first loss is about 4.3)
+    assert losses[0] > np.log(16) - 0.3, "a fresh CLIP is no better than chance: ln(batch)"
     assert losses[-1] < 0.6 * losses[0]
 
 
