@@ -109,6 +109,10 @@ class TrainingTask(Protocol):
     def progress_eval(self, ema_model: torch.nn.Module) -> dict[str, float]:
         """Figures of the EMA model at a checkpoint."""
 
+    # Optional: {parameter-name prefix: factor} — those parameters learn at factor × lr (e.g. a
+    # zero-initialised projection added to a pretrained model, which otherwise barely moves).
+    lr_scales: dict[str, float]
+
 
 def lr_multiplier(step: int, cfg: TrainConfig) -> float:
     """Learning-rate factor at ``step``: linear warm-up, then cosine decay from 1 to 0.1."""
@@ -116,6 +120,21 @@ def lr_multiplier(step: int, cfg: TrainConfig) -> float:
         return (step + 1) / cfg.warmup_steps
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
     return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def parameter_groups(model: torch.nn.Module, lr: float, lr_scales: dict[str, float] | None) -> list[dict]:
+    """AdamW's parameter groups: every trainable parameter at ``lr``, except those whose name
+    starts with a prefix of ``lr_scales``, at ``lr × factor`` (one group per prefix, in order)."""
+    scales = dict(lr_scales or {})
+    groups = {prefix: [] for prefix in [None, *scales]}
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            groups[next((prefix for prefix in scales if name.startswith(prefix)), None)].append(parameter)
+    for prefix in scales:
+        if not groups[prefix]:
+            raise ValueError(f"lr_scales: no trainable parameter is named {prefix}*")
+    return [{"params": params, "lr": lr * (scales[prefix] if prefix else 1.0)}
+            for prefix, params in groups.items() if params]
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -174,7 +193,7 @@ def train(task: TrainingTask, cfg: TrainConfig, out_dir: str | Path, *, resume: 
 
     model = task.model.to(accelerator.device)
     ema = AveragedModel(model, multi_avg_fn=ema_with_warmup(cfg.ema_decay))  # before prepare()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.lr, getattr(task, "lr_scales", None)),
                                   lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     critic = getattr(task, "critic", None)
     critic_optimizer = None

@@ -6,7 +6,8 @@ import torch
 from minildm.config import UNetConfig
 from minildm.multi_embedding import DropRates, MultiEmbeddingUNet, background_brightness, keep_only
 from minildm.stages import clip as clip_stage
-from minildm.stages.embeddings import initial_state
+from minildm.stages.embeddings import PROJECTION, PROJECTION_LR_SCALE, initial_state
+from minildm.train import parameter_groups
 from minildm.unet import UNet
 
 
@@ -42,6 +43,12 @@ def test_dropped_conditions_are_zero_and_the_new_route_starts_at_the_base():
     with torch.no_grad():
         expected = base(x, t, {"context": context, "mask": tokens["attention_mask"]})
         torch.testing.assert_close(model(x, t, full), expected)  # zero-initialised pooled route
+    # the new projection (and only it) gets its own, larger learning rate; the text tower is frozen
+    default, projection = parameter_groups(model, 1e-4, {PROJECTION: PROJECTION_LR_SCALE})
+    emb_dim = 4 * cfg.model_channels  # the timestep embedding's width
+    assert projection["lr"] == 1e-3 and default["lr"] == 1e-4
+    assert [p.shape for p in projection["params"]] == [(emb_dim, 2 * encoder.pooled_dim), (emb_dim,)]
+    assert len(default["params"]) == len(list(model.unet.parameters())) - 2
 
 
 def test_background_brightness_reads_the_frame():

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from minildm.config import TrainConfig
 from minildm.errors import UserError
-from minildm.train import ema_with_warmup, load_trained, loss_curve, lr_multiplier, train
+from minildm.train import ema_with_warmup, load_trained, loss_curve, lr_multiplier, parameter_groups, train
 
 TESTS = Path(__file__).resolve().parent
 _spec = importlib.util.spec_from_file_location("_toy_distributed", TESTS / "_toy_distributed.py")
@@ -77,6 +77,28 @@ def test_resume_can_extend_a_finished_run(tmp_path):
     _train(ToyTask(), tmp_path / "run", TrainConfig(**{**CFG.__dict__, "steps": 10}))
     card = _train(ToyTask(), tmp_path / "run", resume=True)
     assert card["steps"] == 20 and card["loss_curve"][-1][0] == 20
+
+
+def test_a_task_can_scale_the_learning_rate_of_some_parameters(tmp_path):
+    model = ToyTask().model
+    groups = parameter_groups(model, 1e-3, {"3.": 10.0})
+    assert [g["lr"] for g in groups] == [1e-3, 1e-2]
+    assert [len(g["params"]) for g in groups] == [2, 2]  # layer 0's weight and bias; layer 3's
+    with pytest.raises(ValueError, match="no trainable parameter is named nope"):
+        parameter_groups(model, 1e-3, {"nope": 2.0})
+
+    # through the loop: the first AdamW step moves each weight by about lr (warm-up factor 1/3
+    # here), so the scaled layer moves ten times as far as with one rate for all
+    def first_step_move(lr_scales):
+        task = ToyTask()
+        if lr_scales:
+            task.lr_scales = lr_scales
+        before = task.model[3].weight.detach().clone()
+        _train(task, tmp_path / f"run{len(lr_scales)}", TrainConfig(**{**CFG.__dict__, "steps": 1}))
+        return (task.model[3].weight.detach() - before).abs().mean().item()
+
+    plain, scaled = first_step_move({}), first_step_move({"3.": 10.0})
+    assert plain > 0 and 8 < scaled / plain < 12
 
 
 def test_card_records_the_run(tmp_path):

@@ -35,13 +35,24 @@ from minildm.unet import UNet
 STAGE = "multi_embedding"
 
 
+PROJECTION = "unet.pooled_embed."  # the new pooled projection's parameters
+PROJECTION_LR_SCALE = 10.0  # see MultiEmbeddingTask
+
+
 class MultiEmbeddingTask(ldm.DiffusionTask):
-    """The diffusion task with three independently dropped conditions."""
+    """The diffusion task with three independently dropped conditions.
+
+    The new pooled projection starts at zero (so fine-tuning starts exactly at the base model)
+    and learns at ``projection_lr_scale`` × the UNet's rate: at the UNet's own rate it had barely
+    moved after 900 steps (mean |w| 0.015) and the image embedding changed nothing measurable.
+    """
 
     def __init__(self, cfg: DiffusionConfig, cache: ldm.ItemCache, encoder, batch_size: int, seed: int,
-                 autoencoder, drops: DropRates = DropRates()):
+                 autoencoder, drops: DropRates = DropRates(), projection_lr_scale: float = PROJECTION_LR_SCALE):
         super().__init__(cfg, cache, encoder, batch_size, seed, STAGE, autoencoder)
         self.drops = drops
+        self.projection_lr_scale = projection_lr_scale
+        self.lr_scales = {PROJECTION: projection_lr_scale}
         self.model = MultiEmbeddingUNet(UNet(cfg.unet), copy.deepcopy(encoder.text_model),
                                         copy.deepcopy(encoder.clip.text_projection))
 
@@ -57,7 +68,8 @@ class MultiEmbeddingTask(ldm.DiffusionTask):
                 "keep": batch["keep"]}
 
     def card_config(self) -> dict:
-        return {"diffusion": dataclasses.asdict(self.cfg), "drops": dataclasses.asdict(self.drops)}
+        return {"diffusion": dataclasses.asdict(self.cfg), "drops": dataclasses.asdict(self.drops),
+                "projection_lr_scale": self.projection_lr_scale}
 
 
 def multi_config(base_cfg: DiffusionConfig, encoder) -> DiffusionConfig:
@@ -70,16 +82,18 @@ def initial_state(base_state: dict, model: MultiEmbeddingUNet) -> dict:
     """The base LDM's weights, with the new pooled projection zero (so it starts as the base)."""
     state = {k: v for k, v in base_state.items()}
     for name, tensor in model.state_dict().items():
-        if name.startswith("unet.pooled_embed.") or name.startswith("text_projection."):
+        if name.startswith(PROJECTION) or name.startswith("text_projection."):
             state[name] = torch.zeros_like(tensor) if name.startswith("unet.") else tensor
     return state
 
 
-def train(cfg, train_cfg, cache, encoder, autoencoder, base_state: dict, out: Path, **loop_kwargs) -> dict:
+def train(cfg, train_cfg, cache, encoder, autoencoder, base_state: dict, out: Path,
+          projection_lr_scale: float = PROJECTION_LR_SCALE, **loop_kwargs) -> dict:
     """Fine-tune the multi-embedding model from the base LDM into ``out``; its card."""
     from minildm.train import train as train_loop
 
-    task = MultiEmbeddingTask(cfg, cache, encoder, train_cfg.batch_size, train_cfg.seed, autoencoder)
+    task = MultiEmbeddingTask(cfg, cache, encoder, train_cfg.batch_size, train_cfg.seed, autoencoder,
+                              projection_lr_scale=projection_lr_scale)
     load_state_into(task.model, initial_state(base_state, task.model), "the base LDM")
     return train_loop(task, train_cfg, out, **loop_kwargs)
 

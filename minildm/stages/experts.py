@@ -110,7 +110,7 @@ def train(profile: Profile, out: str, *, base: str | None = None, resume=False, 
     # Sec. 4.2: one model on several embeddings at once, fine-tuned from the same base
     multi_dir = out / MULTI
     if not (multi_dir / CARD).exists():
-        multi_cfg = dataclasses.replace(train_cfg, steps=profile.extras.get("multi_embedding_steps", 2 * train_cfg.steps))
+        multi_cfg = dataclasses.replace(train_cfg, steps=profile.extras.get("multi_embedding_steps", 4 * train_cfg.steps))
         embeddings.train(embeddings.multi_config(cfg, encoder), multi_cfg, cache, encoder, autoencoder, base_state,
                          multi_dir, resume=(multi_dir / "checkpoint").exists(), device=device, command=command,
                          progress=progress, extra_card={"profile": profile.name, "image_size": image_size,
