@@ -60,10 +60,11 @@ def run_course(profile: Profile, out: Path, progress: bool = True, log=print) ->
             log(f"{prefix} finished in an earlier call ({results['stages'][name]['wall_time_s']:.0f} s), skipped",
                 flush=True)
             continue
-        log(f"{prefix} {_starting(out / name)} …", flush=True)
-        stage_start = time.time()
+        starting = _starting(out / name) if name in TRAIN_STAGES else "measuring on the course's own LDM"
+        log(f"{prefix} {starting} …", flush=True)
+        stage_start, earlier = time.time(), _earlier_training_seconds(out / name)
         result = _train_stage(name, profile, out, progress) if name in TRAIN_STAGES else _evaluate_only(name, profile, out)
-        result["wall_time_s"] = round(time.time() - stage_start, 1)
+        result["wall_time_s"] = round(time.time() - stage_start + earlier, 1)
         save_json(done_file, result)
         results["stages"][name] = result
         met = [check["met"] for check in result["targets"].values()]
@@ -82,6 +83,16 @@ def _starting(run_dir: Path) -> str:
     if state.exists():
         return f"resuming at step {json.loads(state.read_text())['step']}"
     return "resuming" if run_dir.exists() and any(run_dir.iterdir()) else "training from scratch"
+
+
+def _earlier_training_seconds(run_dir: Path) -> float:
+    """Training time an interrupted stage had already spent, up to its runs' last checkpoints
+    (the experts stage holds several runs: its nodes, the baseline, the multi-embedding model).
+
+    A resumed stage's time is this call's time plus that; work lost after a checkpoint is not counted.
+    """
+    states = run_dir.glob("**/checkpoint/state.json") if run_dir.exists() else []
+    return sum(float(json.loads(state.read_text()).get("wall_time_s", 0.0)) for state in states)
 
 
 def _train_stage(name: str, profile: Profile, out: Path, progress: bool) -> dict:

@@ -108,6 +108,7 @@ def test_course_runs_the_built_stages_and_writes_a_report(tmp_path, capsys):
     progress = [line for line in printed.splitlines() if line.startswith("course [")]
     assert len(progress) == 2 * len(stages), "a line when each stage starts and one when it ends"
     assert "[4/8] ldm: training from scratch" in printed and "[4/8] ldm: done in " in printed
+    assert "[7/8] paint: measuring on the course's own LDM" in printed, "paint-with-words trains nothing"
     report = json.loads((tmp_path / "metrics.json").read_text())
     assert list(report["stages"]) == stages
     assert report["profile"] == "smoke" and report["targets_met"][1] >= 8
@@ -136,11 +137,14 @@ def test_course_runs_the_built_stages_and_writes_a_report(tmp_path, capsys):
     # skips what is done and resumes there
     (tmp_path / "add" / "course.json").unlink()
     (tmp_path / "add" / "model.safetensors").unlink()
+    trained_before = json.loads((tmp_path / "add" / "checkpoint" / "state.json").read_text())["wall_time_s"]
     assert main(["course", "--profile", "smoke", "--out", str(tmp_path), "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "[1/8] judge: finished in an earlier call" in printed
     assert "[8/8] add: resuming at step" in printed and "[8/8] add: done in " in printed
-    assert json.loads((tmp_path / "metrics.json").read_text())["stages"]["add"]["steps"] == add_card["steps"]
+    resumed = json.loads((tmp_path / "metrics.json").read_text())["stages"]["add"]
+    assert resumed["steps"] == add_card["steps"]
+    assert resumed["wall_time_s"] >= trained_before > 0, "a resumed stage's time counts its earlier training"
 
 
 def test_train_builds_on_named_runs_only_where_it_can(capsys):
