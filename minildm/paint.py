@@ -245,6 +245,8 @@ def explain_step(pipeline, prompt: str, paint: dict, weight: float, t: int = 951
     class Explain(PaintHook):
         def bias(self, scores, info):
             b = super().bias(scores, info)
+            if info["kind"] == "cross" and b is None:  # w′ = 0: nothing is added
+                b = torch.zeros_like(scores)
             if info["kind"] == "cross" and "scores" not in kept:
                 kept.update(scores=scores[0].mean(0), bias=b[0].mean(0), spatial=info["spatial"],
                             a=self.at(info["spatial"], scores.device)[0, 0, :, :scores.shape[-1]],

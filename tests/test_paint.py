@@ -10,8 +10,8 @@ from PIL import Image
 from minildm.attention import Attention, install_hook
 from minildm.cli import main
 from minildm.errors import UserError
-from minildm.paint import (PaintHook, as_mask, box_mask, paint_weight, parse_paint_argument, phrase_tokens,
-                           sample_painted, token_masks)
+from minildm.paint import (PaintHook, as_mask, box_mask, explain_step, paint_weight, parse_paint_argument,
+                           phrase_tokens, sample_painted, token_masks)
 from minildm.stages import ldm as ldm_stage
 from minildm.stages import paint as paint_stage
 
@@ -99,6 +99,21 @@ def test_painting_moves_the_object_and_the_hook_is_removed(pipeline):
     assert all(module.hook is None for module in pipeline.unet.modules() if isinstance(module, Attention))
     with pytest.raises(UserError, match="not in the prompt"):
         pipeline(["a red circle"], steps=2, paint={"blue square": (0, 0, 1, 1)})
+
+
+def test_the_formula_explained_on_one_layer(pipeline):
+    prompt, paint = "a red circle and a blue square", {"red circle": (0.0, 0.0, 1 / 3, 1 / 3)}
+    step = explain_step(pipeline, prompt, paint, weight=1.0)
+    red = step["tokens"].index("red")
+    n_pixels = step["spatial"][0] * step["spatial"][1]
+    assert step["a"].shape == step["scores"].shape == (n_pixels, len(step["tokens"]))
+    painted_pixels = step["a"][:, red] > 0.5
+    assert 0 < painted_pixels.sum() < n_pixels and step["weight"] > 0
+    assert torch.allclose(step["bias"], step["weight"] * step["a"], atol=1e-5), "the bias is w·A"
+    gain = step["painted"][:, red] - step["plain"][:, red]
+    assert gain[painted_pixels].mean() > 0.05 and gain[painted_pixels].mean() > gain[~painted_pixels].mean()
+    unpainted = explain_step(pipeline, prompt, paint, weight=0.0)  # w′ = 0 is a valid slider position
+    assert unpainted["bias"].abs().max() == 0 and torch.allclose(unpainted["painted"], unpainted["plain"])
 
 
 def test_paint_arguments_and_the_command_line(tmp_path, capsys):
