@@ -261,7 +261,7 @@ def _cpu() -> Profile:
         train_eval_n=1000,
         extras={"cache_size": 40_000, "diffusion_eval_n": 656, "progress_eval_n": 120, "pixel_eval_n": 120,
                 # the several-embeddings model: at 900 steps its image route was still weak (an image
-                # alone gave its object 13% of the time against 4% with nothing); 1800 steps, 22%
+                # alone gave its object 13% of the time against 4% with nothing); 1800 steps, 23%
                 "multi_embedding_steps": 1800, "paint_eval_n": 160,
                 "add_cache_size": 8192},
     )

@@ -91,8 +91,8 @@ def _earlier_training_seconds(run_dir: Path) -> float:
 
     A resumed stage's time is this call's time plus that; work lost after a checkpoint is not counted.
     """
-    states = run_dir.glob("**/checkpoint/state.json") if run_dir.exists() else []
-    return sum(float(json.loads(state.read_text()).get("wall_time_s", 0.0)) for state in states)
+    return sum(float(json.loads(state.read_text()).get("wall_time_s", 0.0))
+               for state in run_dir.glob("**/checkpoint/state.json"))
 
 
 def _train_stage(name: str, profile: Profile, out: Path, progress: bool) -> dict:

@@ -245,12 +245,11 @@ def explain_step(pipeline, prompt: str, paint: dict, weight: float, t: int = 951
     class Explain(PaintHook):
         def bias(self, scores, info):
             b = super().bias(scores, info)
-            if info["kind"] == "cross" and b is None:  # w′ = 0: nothing is added
-                b = torch.zeros_like(scores)
             if info["kind"] == "cross" and "scores" not in kept:
-                kept.update(scores=scores[0].mean(0), bias=b[0].mean(0), spatial=info["spatial"],
+                shown = torch.zeros_like(scores) if b is None else b  # None: w′ = 0 adds nothing
+                kept.update(scores=scores[0].mean(0), bias=shown[0].mean(0), spatial=info["spatial"],
                             a=self.at(info["spatial"], scores.device)[0, 0, :, :scores.shape[-1]],
-                            plain=scores[0].softmax(-1).mean(0), painted=(scores + b)[0].softmax(-1).mean(0),
+                            plain=scores[0].softmax(-1).mean(0), painted=(scores + shown)[0].softmax(-1).mean(0),
                             weight=float(paint_weight(scores[:1], self.sigma, self.weight).flatten()[0]))
             return b
 

@@ -52,7 +52,6 @@ class MultiEmbeddingTask(ldm.DiffusionTask):
         super().__init__(cfg, cache, encoder, batch_size, seed, STAGE, autoencoder)
         self.drops = drops
         self.projection_lr_scale = projection_lr_scale
-        self.lr_scales = {PROJECTION: projection_lr_scale}
         self.model = MultiEmbeddingUNet(UNet(cfg.unet), copy.deepcopy(encoder.text_model),
                                         copy.deepcopy(encoder.clip.text_projection))
 
@@ -66,6 +65,11 @@ class MultiEmbeddingTask(ldm.DiffusionTask):
     def condition(self, batch: dict) -> dict:
         return {"input_ids": batch["input_ids"], "mask": batch["mask"], "image_embedding": batch["image_embedding"],
                 "keep": batch["keep"]}
+
+    @property
+    def lr_scales(self) -> dict[str, float]:
+        """Read by the training loop: the projection's learning-rate factor."""
+        return {PROJECTION: self.projection_lr_scale}
 
     def card_config(self) -> dict:
         return {"diffusion": dataclasses.asdict(self.cfg), "drops": dataclasses.asdict(self.drops),
