@@ -1,10 +1,11 @@
 """The painting canvas of notebook 05: paint phrases on a grid, sample, see where attention went.
 
 The widget is a grid of buttons (no front-end extension needed): choose a phrase (a brush, one
-colour each) or the eraser, click cells to paint them, set the weight w′, press *sample*. The
-image appears beside each painted phrase's cross-attention map. Everything it shows comes from
-the plain functions here — :func:`paint_cell`, :func:`canvas_regions`, :func:`render_canvas`,
-:func:`paint_and_sample`, :func:`render_paint_result` — which the tests call directly.
+colour each) or the eraser, click cells to paint them, set the weight w′ and the recipe
+(:mod:`minildm.paint`), press *sample*. The image appears beside each painted phrase's
+cross-attention map. Everything it shows comes from the plain functions here — :func:`paint_cell`,
+:func:`canvas_regions`, :func:`render_canvas`, :func:`paint_and_sample`,
+:func:`render_paint_result` — which the tests call directly.
 """
 
 from __future__ import annotations
@@ -48,18 +49,20 @@ def render_canvas(canvas: np.ndarray, size: int = 96) -> np.ndarray:
 
 
 def paint_and_sample(pipeline, prompt: str, regions: dict, weight: float, seed: int = 0, steps: int = 50,
-                     guidance: float = 3.0, background: bool = False) -> dict:
+                     guidance: float | None = None, recipe: str | None = None) -> dict:
     """One painted sample: the ``image`` (H, W, 3) in [0, 1] and, per painted phrase, its
     cross-attention map (mean over layers, heads, steps and the phrase's tokens, at the image's
-    resolution). ``background``: the rest of the canvas on ``<bos>`` (:func:`minildm.paint.token_masks`)."""
+    resolution). ``guidance`` and ``recipe`` (:func:`minildm.paint.token_masks`) default to
+    ``minildm.paint.PAINT_GUIDANCE`` and ``DEFAULT_RECIPE``."""
     import torch
     import torch.nn.functional as F
 
     from minildm.data.datasets import to_numpy
-    from minildm.paint import phrase_tokens, sample_painted
+    from minildm.paint import DEFAULT_RECIPE, PAINT_GUIDANCE, phrase_tokens, sample_painted
 
-    latents, hook = sample_painted(pipeline, [prompt], regions, weight, steps=steps, guidance=guidance, seed=seed,
-                                   record=bool(regions), background=background)
+    latents, hook = sample_painted(pipeline, [prompt], regions, weight, steps=steps, seed=seed, record=bool(regions),
+                                   guidance=PAINT_GUIDANCE if guidance is None else guidance,
+                                   recipe=recipe or DEFAULT_RECIPE)
     image = to_numpy(pipeline.decode(latents)[0].cpu())
     maps = {}
     for phrase in regions:
@@ -82,12 +85,13 @@ def render_paint_result(result: dict, size: int = 128) -> np.ndarray:
 
 
 def build_paint_canvas(pipeline, prompt: str = "a red circle and a blue square",
-                       phrases: tuple[str, ...] = ("red circle", "blue square"), weight: float = 0.25,
+                       phrases: tuple[str, ...] = ("red circle", "blue square"), weight: float = 0.5,
                        side: int = CANVAS_SIDE):
     """The widget (module docstring). ``panel.controls`` exposes its parts."""
     import ipywidgets as widgets
 
     from minildm.errors import UserError
+    from minildm.paint_recipe import DEFAULT_RECIPE, RECIPES
 
     state = {"canvas": blank_canvas(side)}
     text = widgets.Text(value=prompt, description="prompt", layout=widgets.Layout(width="60%"))
@@ -96,7 +100,7 @@ def build_paint_canvas(pipeline, prompt: str = "a red circle and a blue square",
     brush = widgets.Dropdown(description="brush")
     weight_slider = widgets.FloatLogSlider(value=weight, base=10, min=-1.5, max=1, step=0.1, description="w′")
     seed_box = widgets.IntText(value=0, description="seed")
-    background_box = widgets.Checkbox(value=True, description="rest of the canvas on <bos>")
+    recipe_box = widgets.Dropdown(options=list(RECIPES), value=DEFAULT_RECIPE, description="recipe")
     sample_button = widgets.Button(description="sample", button_style="primary")
     clear_button = widgets.Button(description="clear")
     canvas_picture, result_picture = widgets.Image(format="png"), widgets.Image(format="png")
@@ -131,7 +135,7 @@ def build_paint_canvas(pipeline, prompt: str = "a red circle and a blue square",
         regions = canvas_regions(state["canvas"], current_phrases())
         try:
             result = paint_and_sample(pipeline, text.value, regions, weight_slider.value, seed_box.value,
-                                      background=background_box.value)
+                                      recipe=recipe_box.value)
         except UserError as error:
             message.value = f"<span style='color:#b00'>{error}</span>"
             return
@@ -147,11 +151,11 @@ def build_paint_canvas(pipeline, prompt: str = "a red circle and a blue square",
     refresh_brushes()
     draw_canvas()
     grid = widgets.GridBox(cells, layout=widgets.Layout(grid_template_columns=f"repeat({side}, 30px)"))
-    panel = widgets.VBox([text, phrase_box, widgets.HBox([brush, weight_slider, seed_box, background_box]),
+    panel = widgets.VBox([text, phrase_box, widgets.HBox([brush, weight_slider, seed_box, recipe_box]),
                           widgets.HBox([grid, canvas_picture]), widgets.HBox([sample_button, clear_button]),
                           message, result_picture])
     panel.controls = {"prompt": text, "phrases": phrase_box, "brush": brush, "weight": weight_slider,
-                      "seed": seed_box, "background": background_box, "sample": sample_button, "clear": clear_button, "cells": cells,
+                      "seed": seed_box, "recipe": recipe_box, "sample": sample_button, "clear": clear_button, "cells": cells,
                       "canvas": canvas_picture, "result": result_picture, "message": message}
     panel.state = state
     return panel

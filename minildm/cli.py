@@ -27,9 +27,10 @@ from pathlib import Path
 
 from minildm.config import PROFILE_NAMES
 from minildm.errors import UserError
+from minildm.paint_recipe import DEFAULT_RECIPE, PAINT_GUIDANCE, RECIPES
 from minildm.stages import BASED_STAGES, EVAL_STAGES, TRAIN_STAGES, UPSTREAM
 
-DEFAULT_PAINT_WEIGHT = 0.25  # the reference LDM's best w', with and without --paint-background (minildm eval paint)
+DEFAULT_PAINT_WEIGHT = 0.5  # the reference LDM's best w' with the full recipe (minildm eval paint)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -131,9 +132,10 @@ def cmd_sample(args) -> int:
     pipeline, card = sampling_pipeline(args.model)
     student = card["stage"] == "add"  # the ADD student: 1 step, no guidance, unless told otherwise
     args.steps = args.steps if args.steps is not None else (1 if student else 50)
-    args.guidance = args.guidance if args.guidance is not None else (1.0 if student else 3.0)
+    if args.guidance is None:
+        args.guidance = 1.0 if student else PAINT_GUIDANCE if paint else 3.0
     images = pipeline([args.prompt] * args.n, steps=args.steps, guidance=args.guidance, seed=args.seed,
-                      paint=paint, paint_weight=args.paint_weight, paint_background=args.paint_background)
+                      paint=paint, paint_weight=args.paint_weight, paint_recipe=args.paint_recipe)
     pictures = to_numpy(images)  # (n, H, W, 3) in [0, 1]
     strip = np.concatenate(list(pictures), axis=1).repeat(args.upscale, 0).repeat(args.upscale, 1)
     png = Image.fromarray((strip * 255).round().astype(np.uint8))
@@ -237,15 +239,18 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--prompt", required=True)
     sample.add_argument("--steps", type=int, default=None, help="sampling steps (default: 50 DDIM; an add student: 1)")
     sample.add_argument("--guidance", type=float, default=None,
-                        help="classifier-free guidance scale; 1: none (default 3; an add student: 1)")
+                        help=f"classifier-free guidance scale; 1: none (default 3; painted: {PAINT_GUIDANCE:g}; "
+                             "an add student: 1)")
     sample.add_argument("--paint", action="append", default=[], metavar="PHRASE=REGION",
                         help="paint-with-words: PHRASE=x0,y0,x1,y1 (a box, 0-1, y down) or PHRASE=#rrggbb "
                              "(a colour of --paint-mask); repeatable")
     sample.add_argument("--paint-mask", default=None, help="a PNG whose colours mark the painted regions")
     sample.add_argument("--paint-weight", type=float, default=DEFAULT_PAINT_WEIGHT,
                         help=f"paint-with-words weight w' (default {DEFAULT_PAINT_WEIGHT})")
-    sample.add_argument("--paint-background", action="store_true",
-                        help="also paint the unpainted rest of the canvas on <bos> (moves objects more; see notebook 05)")
+    sample.add_argument("--paint-recipe", choices=list(RECIPES), default=DEFAULT_RECIPE,
+                        help="which tokens are painted: paper (eDiff-I's formula alone), bos (+ the rest of the "
+                             "canvas on <bos>), bos+eos (+ <eos> on the regions), full (+ phrases pushed down "
+                             f"outside their regions); default {DEFAULT_RECIPE} (see notebook 05)")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--n", type=int, default=1, help="images side by side (default 1)")
     sample.add_argument("--upscale", type=int, default=8, help="nearest-neighbour enlargement of the PNG (default 8)")

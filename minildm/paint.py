@@ -23,6 +23,26 @@ model's own (as in the reference code). Phrases are matched as whole word sequen
 "red"s of "a red circle and a red square" belong to different phrases. :class:`PaintHook` is
 installed on a denoiser's attention layers for one sampling run and removed afterwards; it
 works with the expert router too (it paints whichever expert runs).
+
+**Beyond the formula: the recipe.** eDiff-I's A leaves every token outside the painted phrases at
+zero. On the course's model that moves objects little (notebook 05 measures it): its captions name
+no background to paint the rest of the canvas with, and its tiny CLIP text tower is causal, so the
+unpainted ``<eos>`` token, which has read the whole caption, offers every pixel every object. A
+:class:`PaintRecipe` adds, one at a time, what the reference code gets from painting a phrase for
+every part of the canvas:
+
+* ``background`` — the unpainted rest of the canvas on ``<bos>``, a token that names nothing;
+* ``summary`` — ``<eos>`` painted with the union of the regions, so the caption's summary stays
+  where the objects are;
+* ``outside`` — a phrase's tokens pushed *down* where the phrase is not painted (A = −outside
+  there), as DenseDiffusion (Kim et al. 2023) does; the formula only pushes up inside.
+
+``RECIPES`` names them cumulatively: ``paper`` (the formula alone), ``bos``, ``bos+eos``, ``full``.
+
+Guidance matters: only the conditional pass is painted, so the guided prediction
+ε_u + g·(ε_c,painted − ε_u) carries g times the painting's effect. Painting is measured at
+``PAINT_GUIDANCE`` = 7.5, the scale of the reference code's Stable Diffusion, against the
+unpainted model at the same scale (and, for comparison, at the model's own 3).
 """
 
 from __future__ import annotations
@@ -35,6 +55,7 @@ import torch.nn.functional as F
 
 from minildm.attention import AttentionHook, install_hook
 from minildm.errors import UserError
+from minildm.paint_recipe import DEFAULT_RECIPE, PAINT_GUIDANCE, RECIPES, PaintRecipe, as_recipe  # noqa: F401
 
 Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in [0, 1], y downwards
 
@@ -82,19 +103,20 @@ def phrase_tokens(encoder, prompt: str, phrase: str) -> list[int]:
 
 
 def token_masks(encoder, prompts: list[str], paints: list[dict], size: int, length: int,
-                background: bool = False) -> torch.Tensor:
+                recipe: PaintRecipe | str = "paper") -> torch.Tensor:
     """A (B, size·size, length) for a batch: column j of image b holds the mask of the phrase
-    that token j of prompt b belongs to (the largest value where painted phrases overlap).
-
-    ``background``: also paint the rest of the canvas — 1 minus the union of the regions — on
-    the ``<bos>`` token (column 0), which every caption starts with and which names nothing.
-    The reference code paints every part of the canvas with some phrase (sky, forest, …); the
-    course's captions name no background, so this is its stand-in (see notebook 05).
+    that token j of prompt b belongs to (the largest value where painted phrases overlap) —
+    eDiff-I's A — plus what ``recipe`` adds (:class:`PaintRecipe`): column 0 (``<bos>``) the
+    unpainted rest, the ``<eos>`` column the union of the regions, and −``outside`` in a phrase's
+    columns where it is not painted.
     """
+    recipe = as_recipe(recipe)
     out = torch.zeros(len(prompts), size * size, length)
     for b, (prompt, paint) in enumerate(zip(prompts, paints)):
-        union = torch.zeros(size * size)
-        for phrase, region in (paint or {}).items():
+        if not paint:
+            continue
+        union, phrase_columns = torch.zeros(size * size), set()
+        for phrase, region in paint.items():
             mask = as_mask(region, size, phrase)
             if mask.shape[0] != size:  # another resolution: resize to the reference one
                 mask = resize(mask, (size, size))
@@ -102,9 +124,19 @@ def token_masks(encoder, prompts: list[str], paints: list[dict], size: int, leng
             union = torch.maximum(union, mask)
             for j in phrase_tokens(encoder, prompt, phrase):
                 out[b, :, j] = torch.maximum(out[b, :, j], mask)
-        if background and paint:
+                phrase_columns.add(j)
+        for j in phrase_columns:  # 1 inside, −outside outside (soft edges in between)
+            out[b, :, j] = out[b, :, j] - recipe.outside * (1 - out[b, :, j])
+        if recipe.background:
             out[b, :, 0] = 1 - union
+        if recipe.summary:
+            out[b, :, eos_position(encoder, prompt)] = union
     return out
+
+
+def eos_position(encoder, prompt: str) -> int:
+    """Where ``<eos>`` is in the tokens of ``prompt``."""
+    return encoder.tokenize([prompt])["input_ids"][0].tolist().index(encoder.tokenizer.eos_token_id)
 
 
 def resize(mask: torch.Tensor, spatial: tuple[int, int]) -> torch.Tensor:
@@ -215,16 +247,16 @@ def parse_paint_argument(text: str, mask_image: np.ndarray | None = None, size: 
 @torch.no_grad()
 def sample_painted(pipeline, captions: list[str], paint, weight: float, *, steps: int = 50, guidance: float = 3.0,
                    seed: int = 0, record: bool = False, callback=None,
-                   background: bool = False) -> tuple[torch.Tensor, PaintHook]:
+                   recipe: PaintRecipe | str = DEFAULT_RECIPE) -> tuple[torch.Tensor, PaintHook]:
     """Sample ``captions`` with their phrases painted: ``paint`` is one ``{phrase: box or mask}``
-    for every caption, or a list of them (one per caption); ``background`` as in
+    for every caption, or a list of them (one per caption); ``recipe`` as in
     :func:`token_masks`. Returns the latents and the hook (its ``maps`` hold the painted rows'
     cross-attention when ``record``)."""
     paints = list(paint) if isinstance(paint, (list, tuple)) else [paint] * len(captions)
     if len(paints) != len(captions):
         raise UserError(f"{len(paints)} paint specifications for {len(captions)} prompts")
     cond = pipeline.conditioning(captions)
-    masks = token_masks(pipeline.encoder, captions, paints, pipeline.image_size, cond["context"].shape[1], background)
+    masks = token_masks(pipeline.encoder, captions, paints, pipeline.image_size, cond["context"].shape[1], recipe)
     hook = PaintHook(masks, weight, record=record)
     denoiser = painted(pipeline.denoiser(guidance, cond), hook, pipeline.schedule, len(captions))
     with installed(pipeline.unet, hook):
@@ -234,12 +266,12 @@ def sample_painted(pipeline, captions: list[str], paint, weight: float, *, steps
 
 @torch.no_grad()
 def explain_step(pipeline, prompt: str, paint: dict, weight: float, t: int = 951, seed: int = 0,
-                 background: bool = False) -> dict:
+                 recipe: PaintRecipe | str = "paper") -> dict:
     """The formula on one layer: run the conditional UNet once at step ``t`` on noise and keep,
     for the first cross-attention layer at the highest resolution, the scores QKᵀ/√d (mean over
     heads), A, the bias w·A/√d and the attention with and without it. For notebook 05."""
     cond = pipeline.conditioning([prompt])
-    masks = token_masks(pipeline.encoder, [prompt], [paint], pipeline.image_size, cond["context"].shape[1], background)
+    masks = token_masks(pipeline.encoder, [prompt], [paint], pipeline.image_size, cond["context"].shape[1], recipe)
     kept = {}
 
     class Explain(PaintHook):

@@ -134,12 +134,12 @@ def claims_figure(figures: dict, ldm_card: dict, pixel_card: dict):
 
     ax = axes[2]  # eDiff-I: paint-with-words placement against the weight
     paint = figures["paint"]
-    for key, label in (("sweep", "paper's formula"), ("sweep_background", "+ background on <bos>")):
-        weights = sorted(paint[key], key=float)
-        ax.plot([float(w) for w in weights], [paint[key][w]["placement"] for w in weights], "o-", label=label)
+    for recipe, sweep in paint["sweeps"].items():
+        weights = sorted(sweep, key=float)
+        ax.plot([float(w) for w in weights], [sweep[w]["placement"] for w in weights], "o-", label=recipe)
     ax.axhline(paint["placement_unpainted"], color="0.5", ls="--", label="unpainted")
     ax.set(xscale="log", xlabel="paint weight w′", ylabel="placement", ylim=(-0.05, 1.05),
-           title="paint-with-words")
+           title=f"paint-with-words (guidance {paint['guidance']:g})")
     ax.legend(fontsize=7)
 
     ax = axes[3]  # ADD: alignment of the student and the teacher by number of steps

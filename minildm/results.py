@@ -74,7 +74,7 @@ CLAIMS = (
           lambda f: f["experts"]["alignment_gain"], _target("experts", "alignment_gain"),
           "better FID–CLIP trade-off at every guidance scale (Fig. 7)"),
     Claim("eDiff-I", "paint-with-words places objects without training",
-          "share of painted objects whose centre the judge finds in their painted cell",
+          "share of two-object prompts with both objects read in their painted cells (best recipe and w′, guidance 7.5)",
           lambda f: f["paint"]["placement"], _target("paint", "placement"), "— (qualitative, Figs. 13–15)"),
     Claim("eDiff-I", "… while the image still matches the prompt",
           "judge alignment, unpainted minus painted",

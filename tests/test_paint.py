@@ -10,8 +10,8 @@ from PIL import Image
 from minildm.attention import Attention, install_hook
 from minildm.cli import main
 from minildm.errors import UserError
-from minildm.paint import (PaintHook, as_mask, box_mask, explain_step, paint_weight, parse_paint_argument,
-                           phrase_tokens, sample_painted, token_masks)
+from minildm.paint import (RECIPES, PaintHook, PaintRecipe, as_mask, box_mask, eos_position, explain_step,
+                           paint_weight, parse_paint_argument, phrase_tokens, sample_painted, token_masks)
 from minildm.stages import ldm as ldm_stage
 from minildm.stages import paint as paint_stage
 
@@ -47,6 +47,30 @@ def test_phrases_map_to_their_own_tokens_even_when_words_repeat(pipeline):
     assert masks.shape == (1, 16, 9)
     assert masks[0, 0, 2] == 1 and masks[0, 15, 2] == 0 and masks[0, 15, 7] == 1
     assert masks[0, :, [0, 1, 4, 5, 8]].sum() == 0, "only the painted phrases' columns are set"
+
+
+def test_each_recipe_adds_its_columns(pipeline):
+    encoder = pipeline.encoder
+    prompt = "a red circle and a blue square"  # <bos> a red circle and a blue square <eos> (<pad>)
+    paint = {"red circle": (0, 0, 0.5, 0.5), "blue square": (0.5, 0.5, 1, 1)}
+    union = box_mask((0, 0, 0.5, 0.5), 4).flatten() + box_mask((0.5, 0.5, 1, 1), 4).flatten()
+    red = box_mask((0, 0, 0.5, 0.5), 4).flatten()
+    masks = {name: token_masks(encoder, [prompt], [paint], 4, 10, name)[0] for name in RECIPES}
+    eos = eos_position(encoder, prompt)
+    assert eos == 8
+    assert masks["paper"][:, [0, 1, 4, 5, 8, 9]].abs().sum() == 0
+    assert torch.equal(masks["bos"][:, 0], 1 - union) and masks["bos"][:, 8].abs().sum() == 0
+    assert torch.equal(masks["bos+eos"][:, 8], union) and torch.equal(masks["bos+eos"][:, 0], 1 - union)
+    assert masks["bos+eos"][:, 9].abs().sum() == 0, "padding after <eos> is masked in attention: left alone"
+    assert torch.equal(masks["full"][:, 2], 2 * red - 1), "a phrase: +1 inside its region, -1 outside"
+    assert torch.equal(masks["full"][:, 2], masks["full"][:, 3]) and torch.equal(masks["full"][:, 8], union)
+    for name in ("bos", "bos+eos", "full"):
+        assert torch.equal(masks[name][:, 2:4].clamp(min=0), masks["paper"][:, 2:4]), "the phrases' own part stays"
+    custom = token_masks(encoder, [prompt], [paint], 4, 10, PaintRecipe(outside=0.5))[0]
+    assert torch.equal(custom[:, 2], red - 0.5 * (1 - red)) and custom[:, 0].abs().sum() == 0
+    assert token_masks(encoder, [prompt], [None], 4, 10, "full").abs().sum() == 0, "nothing painted: A = 0"
+    with pytest.raises(UserError, match=r"choose one of paper, bos, bos\+eos, full"):
+        token_masks(encoder, [prompt], [paint], 4, 10, "everything")
 
 
 def test_the_bias_is_edifi_formula_on_the_conditional_rows_only():
@@ -93,7 +117,7 @@ def test_painting_moves_the_object_and_the_hook_is_removed(pipeline):
         return np.mean([any(o.cell == 0 for o in r) for r in judge.read(pipeline.decode(latents))])
 
     plain = in_corner(pipeline.sample_latents(prompts, steps=20, seed=3))
-    latents, hook = sample_painted(pipeline, prompts, corner, 0.5, steps=20, seed=3, record=True, background=True)
+    latents, hook = sample_painted(pipeline, prompts, corner, 0.5, steps=20, seed=3, record=True, recipe="bos")
     assert in_corner(latents) >= plain + 0.25, "painted top left (rest on <bos>): the circle moves there"
     assert hook.maps and all(m[0].shape[0] == 16 for m in hook.maps.values())
     assert all(module.hook is None for module in pipeline.unet.modules() if isinstance(module, Attention))
@@ -133,6 +157,8 @@ def test_paint_arguments_and_the_command_line(tmp_path, capsys):
     assert main(["sample", "--prompt", "a red circle", "--steps", "4", "--paint", "red circle=#ff0000",
                  "--paint-mask", str(tmp_path / "layout.png"), "--out", str(png)]) == 0
     assert png.exists()
+    assert main(["sample", "--prompt", "a red circle", "--steps", "2", "--paint", "red circle=0,0,0.5,0.5",
+                 "--paint-recipe", "paper", "--out", str(png)]) == 0
     assert main(["sample", "--prompt", "a red circle", "--paint", "blue square=0,0,1,1", "--out", str(png)]) == 2
     assert "not in the prompt" in capsys.readouterr().err
 
@@ -151,6 +177,11 @@ def test_eval_paint_from_the_command_line(capsys):
 
     assert main(["eval", "paint", "--n", "4", "--json"]) == 0
     figures = json.loads(capsys.readouterr().out)
-    assert set(figures["sweep"]) == set(figures["sweep_background"]) == {f"{w:g}" for w in paint_stage.PAINT_WEIGHTS}
+    assert set(figures["sweeps"]) == set(RECIPES) and figures["best_recipe"] in RECIPES
+    assert all(set(sweep) == {f"{w:g}" for w in paint_stage.PAINT_WEIGHTS} for sweep in figures["sweeps"].values())
+    best = figures["sweeps"][figures["best_recipe"]][f"{figures['best_weight']:g}"]
+    assert (figures["placement"], figures["alignment"]) == (best["placement"], best["alignment"])
+    assert figures["placement_paper"] in [r["placement"] for r in figures["sweeps"]["paper"].values()]
+    assert figures["guidance"] == 7.5 and figures["at_model_guidance"]["guidance"] == 3.0
     for key in ("placement", "placement_unpainted", "alignment", "alignment_unpainted"):
-        assert 0 <= figures[key] <= 1
+        assert 0 <= figures[key] <= 1 and 0 <= figures["at_model_guidance"][key] <= 1

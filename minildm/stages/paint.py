@@ -5,19 +5,22 @@ stage only evaluates: ``minildm eval paint --model PATH`` takes an LDM run (defa
 reference) or an experts run, and the colour-attribution prompts of the evaluation set — two
 objects, two colours, *no position words* ("a red circle and a blue square"). Each prompt gets
 two different cells of the 3×3 grid, one per object (a pure function of the seed and the
-prompt's index), painted as that cell's box over the object's words ("red circle").
+prompt's index), painted as that cell's box over the object's words ("red circle"). Every
+image is sampled at guidance ``PAINT_GUIDANCE`` (7.5; :mod:`minildm.paint` says why), painted
+or not.
 
 * ``placement`` — both objects read by the judge in their painted cells (shape and colour
-  right), at the best setting: the highest placement among the weights w′ (and the two
-  variants below) whose ``alignment`` stays within 5 points of the unpainted one;
-* ``placement_paper`` — the same with eDiff-I's formula alone; the other variant also paints
-  the unpainted rest of the canvas on the ``<bos>`` token (``minildm.paint.token_masks``),
-  because the course's captions name no background to paint it with;
+  right), at the best setting: the highest placement among the recipes
+  (:data:`minildm.paint.RECIPES`) and weights w′ whose ``alignment`` stays within 5 points of
+  the unpainted one; ``best_recipe``, ``best_weight``;
+* ``placement_paper`` — the same with eDiff-I's formula alone (the ``paper`` recipe);
 * ``placement_unpainted`` — the same prompts and noise without painting (the model places
   objects where it likes: about chance, 1/72 for two given cells);
 * ``alignment`` / ``alignment_unpainted`` — the judge's verdict on the prompt itself (both
   objects, right colours), wherever they are;
-* ``sweep`` / ``sweep_background`` — w′ → {placement, alignment}, for the trade-off plot.
+* ``sweeps`` — recipe → w′ → {placement, alignment}, for the trade-off plot;
+* ``at_model_guidance`` — the best setting and the unpainted model again at the model's own
+  guidance (3): how much of the placement the higher guidance buys.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from minildm.errors import UserError
 
 STAGE = "paint"
 MEASUREMENT = Path(__file__).resolve().parents[2] / "data" / "measurements" / "paint.json"
-PAINT_WEIGHTS = (0.1, 0.25, 0.5, 1.0, 2.0)
+PAINT_WEIGHTS = (0.25, 0.5, 1.0)
 ALIGNMENT_TOLERANCE = 0.05
 TARGETS = {"placement": (">=", 0.8), "alignment_drop": ("<=", ALIGNMENT_TOLERANCE)}
 GRID = 3
@@ -90,14 +93,17 @@ def placed(task: dict, read) -> bool:
 
 
 def judge_painting(pipeline, tasks: list[dict], judge, weight: float | None, seed: int = EVAL_SEED,
-                   background: bool = False) -> dict:
-    """Sample every task (``weight`` None: unpainted) and judge placement and alignment."""
+                   recipe: str = "paper", guidance: float | None = None) -> dict:
+    """Sample every task (``weight`` None: unpainted) at ``guidance`` (default ``PAINT_GUIDANCE``)
+    and judge placement and alignment."""
     from minildm.data.captions import parse
     from minildm.metrics import clauses_hold
+    from minildm.paint import PAINT_GUIDANCE
 
     prompts = [t["prompt"] for t in tasks]
     paint = None if weight is None else [t["paint"] for t in tasks]
-    images = pipeline(prompts, seed=seed, paint=paint, paint_weight=weight or 0.0, paint_background=background)
+    images = pipeline(prompts, seed=seed, paint=paint, paint_weight=weight or 0.0, paint_recipe=recipe,
+                      steps=pipeline.cfg.sample_steps, guidance=PAINT_GUIDANCE if guidance is None else guidance)
     reads = judge.read(images)
     return {"images": images, "reads": reads,
             "placement": float(np.mean([placed(t, r) for t, r in zip(tasks, reads)])),
@@ -106,8 +112,9 @@ def judge_painting(pipeline, tasks: list[dict], judge, weight: float | None, see
 
 @torch.no_grad()
 def evaluate(pipeline, n: int = 160, seed: int = EVAL_SEED, judge=None, weights=PAINT_WEIGHTS) -> dict:
-    """The sweep over w′, with the paper's formula alone and with the background painted on
-    ``<bos>``, against the unpainted model (module docstring)."""
+    """The sweep over recipes and w′ against the unpainted model, then the best setting at the
+    model's own guidance (module docstring)."""
+    from minildm.paint import PAINT_GUIDANCE, RECIPES
     from minildm.stages import judge as judge_stage
 
     if n < 1:
@@ -115,12 +122,8 @@ def evaluate(pipeline, n: int = 160, seed: int = EVAL_SEED, judge=None, weights=
     judge = judge if judge is not None else judge_stage.load(None)[0]
     tasks = painting_tasks(n, seed)
     plain = judge_painting(pipeline, tasks, judge, None, seed)
-    sweeps = {}
-    for background in (False, True):
-        sweeps[background] = {}
-        for w in weights:
-            result = judge_painting(pipeline, tasks, judge, w, seed, background)
-            sweeps[background][f"{w:g}"] = {"placement": result["placement"], "alignment": result["alignment"]}
+    sweeps = {recipe: {f"{w:g}": _figures(judge_painting(pipeline, tasks, judge, w, seed, recipe)) for w in weights}
+              for recipe in RECIPES}
 
     def best(candidates: dict) -> tuple:
         """The highest placement among the settings that keep alignment within the tolerance
@@ -130,15 +133,25 @@ def evaluate(pipeline, n: int = 160, seed: int = EVAL_SEED, judge=None, weights=
         key = max(pool, key=lambda k: pool[k]["placement"])
         return key, pool[key]
 
-    paper_weight, paper = best(sweeps[False])
-    (background, weight), chosen = best({(bg, w): r for bg, sweep in sweeps.items() for w, r in sweep.items()})
+    paper_weight, paper = best(sweeps["paper"])
+    (recipe, weight), chosen = best({(name, w): r for name, sweep in sweeps.items() for w, r in sweep.items()})
+    own = pipeline.cfg.guidance
+    plain_own = judge_painting(pipeline, tasks, judge, None, seed, guidance=own)
+    chosen_own = judge_painting(pipeline, tasks, judge, float(weight), seed, recipe, guidance=own)
     return {
-        "n": n, "steps": pipeline.cfg.sample_steps, "guidance": pipeline.cfg.guidance,
-        "best_weight": float(weight), "best_background": background,
+        "n": n, "steps": pipeline.cfg.sample_steps, "guidance": PAINT_GUIDANCE,
+        "best_weight": float(weight), "best_recipe": recipe,
         "placement": chosen["placement"], "placement_unpainted": plain["placement"],
         "alignment": chosen["alignment"], "alignment_unpainted": plain["alignment"],
         "alignment_drop": plain["alignment"] - chosen["alignment"],
         "placement_paper": paper["placement"], "alignment_paper": paper["alignment"],
         "best_weight_paper": float(paper_weight),
-        "sweep": sweeps[False], "sweep_background": sweeps[True],
+        "sweeps": sweeps,
+        "at_model_guidance": {"guidance": own, **_figures(chosen_own),
+                              "placement_unpainted": plain_own["placement"], "alignment_unpainted": plain_own["alignment"]},
     }
+
+
+def _figures(result: dict) -> dict:
+    """The two numbers of a setting that the report keeps."""
+    return {"placement": result["placement"], "alignment": result["alignment"]}
