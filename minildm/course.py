@@ -109,7 +109,9 @@ def _train_stage(name: str, profile: Profile, out: Path, progress: bool) -> dict
         reference = None
     fig = plots.loss_curves(card, reference, title=f"{name}: training loss")
     fig.savefig(run_dir / "loss_curve.png", dpi=120)
-    return {"steps": card["steps"], "train_wall_time_s": card["wall_time_s"], "device": card["device"],
+    # the experts stage also trains an equal-cost baseline and a multi-embedding model: count them all
+    return {"steps": card.get("training_steps", card["steps"]),
+            "train_wall_time_s": card.get("training_wall_time_s", card["wall_time_s"]), "device": card["device"],
             "builds_on": upstream_runs(name, out), "metrics": card["metrics"],
             "targets": check_targets(card["metrics"], getattr(stage, "TARGETS", {})), "loss_curve": "loss_curve.png"}
 

@@ -73,16 +73,18 @@ class DiffusionPipeline:
 
     @torch.no_grad()
     def sample_with(self, denoiser, cond, n: int, *, steps: int = 50, seed: int = 0, sampler: str = "ddim",
-                    eta: float = 0.0, callback=None) -> torch.Tensor:
+                    eta: float = 0.0, callback=None, spacing: str | None = None) -> torch.Tensor:
         """Run the sampler with any ``denoiser(x_t, t, cond)`` — a guided UNet, a prompt switch,
-        a painted one — from the noise of ``seed``, with this model's schedule and prediction."""
+        a painted one — from the noise of ``seed``, with this model's schedule and prediction
+        (and its timestep spacing unless ``spacing`` is given: one of ``minildm.samplers.SPACINGS``)."""
         generator = torch.Generator().manual_seed(seed)
         noise = torch.randn((n, *self.sample_shape), generator=generator).to(self.device)
+        spacing = spacing or self.spacing
         if sampler == "ddim":
             return ddim_sample(denoiser, self.schedule, noise, cond, steps=steps, eta=eta, prediction=self.cfg.prediction,
-                               spacing=self.spacing, generator=generator, callback=callback)
+                               spacing=spacing, generator=generator, callback=callback)
         return ddpm_sample(denoiser, self.schedule, noise, cond, steps=steps, prediction=self.cfg.prediction,
-                           spacing=self.spacing, generator=generator, callback=callback)
+                           spacing=spacing, generator=generator, callback=callback)
 
     @property
     def spacing(self) -> str:

@@ -69,6 +69,11 @@ CLAIMS = (
           "the same share when the switch comes in the last 10% of steps (our switch point nearest the paper's 7%)",
           lambda f: max(v for k, v in f["experts"]["prompt_switch"].items() if float(k) >= 0.9), ("<=", 0.1),
           "switching in the last 7% leaves the output unchanged (Fig. 4)"),
+    Claim("eDiff-I", "… with the steps spaced as in EDM",
+          "the same share when the switch comes in the last 30% of 50 steps spaced in σ as EDM's sampler "
+          "(Karras et al. 2022, ρ = 7; eDiff-I is built on EDM), which spends more of them at low noise",
+          lambda f: f["experts"]["follow_b_late_karras"], ("<=", 0.1),
+          "switching in the last 7% leaves the output unchanged (Fig. 4)"),
     Claim("eDiff-I", "experts by noise interval beat one model at the same inference cost",
           "judge alignment, experts minus the single model fine-tuned for the same total steps",
           lambda f: f["experts"]["alignment_gain"], _target("experts", "alignment_gain"),

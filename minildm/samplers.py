@@ -14,7 +14,9 @@ student. Guidance is a wrapper with that same signature, so a sampler never know
 
 η = 0 is deterministic; η = 1 is ancestral sampling. Timesteps for S steps out of T = 1000:
 "leading" (CompVis' "uniform": 981, 961, …, 1) or "trailing" (999, 979, …, 19; Lin et al. 2024,
-which reaches the noisiest step). After the last step ᾱ_t′ is ᾱ_0, as in CompVis (diffusers:
+which reaches the noisiest step), both uniform in t; or "karras", the step distribution of EDM
+and eDiff-I (Karras et al. 2022, Eq. 5, ρ = 7), uniform in σ^(1/ρ), which spends most steps at low
+noise (:func:`karras_timesteps`). After the last step ᾱ_t′ is ᾱ_0, as in CompVis (diffusers:
 ``set_alpha_to_one=False``).
 
 **DDPM** (Ho et al. 2020, Alg. 2), on the same strided timesteps: the posterior
@@ -33,7 +35,7 @@ import torch
 
 from minildm.diffusion import NoiseSchedule
 
-SPACINGS = ("leading", "trailing")
+SPACINGS = ("leading", "trailing", "karras")
 Denoiser = Callable[[torch.Tensor, torch.Tensor, object], torch.Tensor]
 
 
@@ -46,7 +48,40 @@ def sampling_timesteps(train_steps: int, steps: int, spacing: str = "leading") -
         return [int(t) for t in (np.arange(steps) * stride + 1)[::-1]]
     if spacing == "trailing":
         return [int(t) for t in np.round(np.arange(train_steps, 0, -train_steps / steps)).astype(np.int64) - 1]
+    if spacing == "karras":
+        raise ValueError("karras spacing depends on the noise schedule: use schedule_timesteps")
     raise ValueError(f"unknown spacing {spacing!r}; choose one of {SPACINGS}")
+
+
+EDM_SIGMA_MAX = 80.0  # Karras et al.'s σ_max (under zero terminal SNR the schedule's σ reaches ∞)
+
+
+def karras_timesteps(schedule: NoiseSchedule, steps: int, rho: float = 7.0) -> list[int]:
+    """Descending timesteps whose σ_t follow Karras et al.'s Eq. 5 between the schedule's largest
+    finite σ (at most EDM's 80) and its smallest: σ_i = (σ_max^(1/ρ) + i/(S−1)·(σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ, each mapped to
+    the trained timestep of nearest log σ (one step higher where two would coincide, at the
+    quiet end). The first is always T − 1, the noisiest step (σ = ∞ under zero terminal SNR)."""
+    if not 2 <= steps <= schedule.steps:
+        raise ValueError(f"karras spacing needs between 2 and {schedule.steps} steps, got {steps}")
+    sigmas = schedule.sigma(torch.arange(schedule.steps)).double().numpy()
+    largest = min(sigmas[np.isfinite(sigmas)].max(), EDM_SIGMA_MAX)
+    log_sigmas = np.log(sigmas)
+    high, low = largest ** (1 / rho), sigmas[0] ** (1 / rho)
+    nearest = [int(np.abs(log_sigmas - np.log(target)).argmin())
+               for target in (high + np.linspace(0, 1, steps)[1:] * (low - high)) ** rho]
+    ascending = []
+    for t in reversed(nearest):  # from the quietest step up, so that the low end stays at t = 0
+        ascending.append(t if not ascending or t > ascending[-1] else ascending[-1] + 1)
+    if ascending[-1] >= schedule.steps - 1:
+        raise ValueError(f"karras spacing: {steps} steps do not fit in {schedule.steps} timesteps")
+    return [schedule.steps - 1] + ascending[::-1]
+
+
+def schedule_timesteps(schedule: NoiseSchedule, steps: int, spacing: str) -> list[int]:
+    """The descending timesteps an S-step sampler visits on ``schedule`` with ``spacing``."""
+    if spacing == "karras":
+        return karras_timesteps(schedule, steps)
+    return sampling_timesteps(schedule.steps, steps, spacing)
 
 
 def _full(t: int, x: torch.Tensor) -> torch.Tensor:
@@ -57,7 +92,7 @@ def _steps(schedule: NoiseSchedule, steps: int, spacing: str, final_alpha: float
     """(i, t, ᾱ_t, ᾱ_t′) for each sampled step, t′ the next sampled step; after the last one
     ᾱ_t′ is ``final_alpha`` (None: ᾱ_0, as CompVis' DDIM)."""
     acp = schedule.alphas_cumprod
-    timesteps = sampling_timesteps(schedule.steps, steps, spacing)
+    timesteps = schedule_timesteps(schedule, steps, spacing)
     final = acp[0].item() if final_alpha is None else final_alpha
     for i, t in enumerate(timesteps):
         yield i, t, acp[t].item(), acp[timesteps[i + 1]].item() if i + 1 < len(timesteps) else final

@@ -6,7 +6,8 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.models.embeddings import get_timestep_embedding
 
 from minildm.diffusion import NoiseSchedule, timestep_embedding
-from minildm.samplers import ClassifierFreeGuidance, ddim_sample, ddpm_sample, sampling_timesteps
+from minildm.samplers import (ClassifierFreeGuidance, ddim_sample, ddpm_sample, karras_timesteps, sampling_timesteps,
+                              schedule_timesteps)
 
 SD = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
           clip_sample=False)
@@ -37,6 +38,27 @@ def test_timesteps_match_diffusers(spacing, offset, steps):
     assert sampling_timesteps(1000, steps, spacing) == reference.timesteps.tolist()
     assert sampling_timesteps(1000, 50, "leading")[:2] == [981, 961]
     assert sampling_timesteps(1000, 50, "trailing")[:2] == [999, 979]
+
+
+@pytest.mark.parametrize("zero_terminal_snr", [False, True])
+def test_karras_spacing_follows_edm_sigmas(zero_terminal_snr):
+    schedule = NoiseSchedule(zero_terminal_snr=zero_terminal_snr)
+    timesteps = karras_timesteps(schedule, 50)
+    assert timesteps[0] == 999 and len(timesteps) == 50 and timesteps[-1] >= 0
+    assert all(a > b for a, b in zip(timesteps, timesteps[1:])), "strictly descending"
+    assert schedule_timesteps(schedule, 50, "karras") == timesteps
+    sigmas = schedule.sigma(torch.tensor(timesteps)).double()
+    if not zero_terminal_snr:  # EDM's Eq. 5 between the schedule's extremes: σ^(1/7) is linear in the step
+        ends = schedule.sigma(torch.tensor([999, 0])).double()
+        expected = (ends[0] ** (1 / 7) + torch.linspace(0, 1, 50, dtype=torch.float64) * (ends[1] ** (1 / 7) - ends[0] ** (1 / 7))) ** 7
+        middle = slice(1, 30)  # before the low-noise end, where neighbouring steps share a timestep
+        assert torch.allclose(sigmas[middle].log(), expected[middle].log(), atol=0.05)
+        uniform = sampling_timesteps(1000, 50, "leading")
+        assert timesteps[35] < uniform[35] / 2, "most of EDM's steps are at low noise"
+    else:  # σ = ∞ at T − 1, then EDM's σ_max = 80
+        assert float(sigmas[0]) == float("inf") and float(sigmas[1]) == pytest.approx(80, rel=0.1)
+    with pytest.raises(ValueError, match="schedule_timesteps"):
+        sampling_timesteps(1000, 50, "karras")
 
 
 def test_timestep_embedding_is_cos_first_like_diffusers():

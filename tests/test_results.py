@@ -12,7 +12,7 @@ def _figures(**overrides):
     figures = {
         "ldm": {"images_per_second": 12.0, "fid": 400.0, "alignment": 0.6, "alignment_two_object": 0.7},
         "pixel": {"images_per_second": 2.0, "fid": 800.0, "alignment": 0.2},
-        "experts": {"follow_b_early": 0.9, "follow_b_late": 0.05, "alignment_gain": 0.01,
+        "experts": {"follow_b_early": 0.9, "follow_b_late": 0.05, "follow_b_late_karras": 0.02, "alignment_gain": 0.01,
                     "prompt_switch": {"0.0": 1.0, "0.5": 0.6, "0.9": 0.04, "1.0": 0.0}},
         "paint": {"placement": 0.3, "alignment_drop": 0.02},
         "add": {"alignment_ratio_1step": 0.95, "fid_ratio_1step": 1.2, "alignment_4step_minus_1step": 0.04,

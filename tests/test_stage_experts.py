@@ -26,6 +26,10 @@ def test_the_tree_is_fine_tuned_from_the_base_and_the_baseline_gets_the_same_ste
     per_node = get_profile("smoke").experts_train.steps
     assert [n["name"] for n in card["tree"]] == ["low_1", "high_1", "low_2", "high_2", "middle"]
     assert card["steps"] == 5 * per_node and card["baseline"]["steps"] == 5 * per_node
+    runs = [*card["nodes"].values(), card["baseline"], card["multi_embedding"]]
+    assert card["training_steps"] == 10 * per_node + card["multi_embedding"]["steps"]
+    assert card["training_wall_time_s"] == pytest.approx(sum(r["wall_time_s"] for r in runs), abs=0.05)
+    assert card["training_wall_time_s"] > card["wall_time_s"], "the nodes' time is only part of the stage's"
     assert {role: e["interval"] for role, e in card["experts"].items()} == {
         "low": [0, 250], "middle": [250, 750], "high": [750, 1000]}
     node = json.loads((root / "run" / "nodes" / "high_2" / "card.json").read_text())
@@ -49,6 +53,12 @@ def test_the_card_measures_the_observation_and_the_comparison(experts_run):
     assert low <= m["alignment_gain"] + 1e-9 and m["alignment_gain"] - 1e-9 <= high
     assert list(m["prompt_switch"]) == [f"{f:.1f}" for f in experts_stage.SWITCH_FRACTIONS]
     assert all(0 <= v <= 1 for v in m["prompt_switch"].values())
+    assert list(m["prompt_switch_karras"]) == list(m["prompt_switch"])
+    assert all(0 <= v <= 1 for v in m["prompt_switch_karras"].values())
+    assert m["switch_t"]["1.0"] is None and m["switch_t_karras"]["1.0"] is None, "f = 1: never switched"
+    assert m["switch_t_karras"]["0.0"] == 999, "EDM's spacing starts at the noisiest step"
+    karras_t = [t for t in m["switch_t_karras"].values() if t is not None]
+    assert karras_t == sorted(karras_t, reverse=True)
     assert len(m["text_influence"]) == 20 and all(v >= 0 for v in m["text_influence"].values())
     assert all(0 <= v <= 1.0001 for v in m["attention_entropy"].values())
     assert m["nfe"] == 2 * m["steps"], "a router costs one UNet per evaluation, as a single model"

@@ -11,7 +11,10 @@ checkpoint). The text tower is frozen in all of these runs, so the experts share
 * the observation that motivates experts, on the single model (the baseline):
   ``prompt_switch`` — sample with prompt A for the first fraction f of the 50 DDIM steps and
   with prompt B after; f → the fraction of images the judge reads as following B (eDiff-I
-  Fig. 4) — and ``text_influence`` — t → how much the caption changes the predicted x₀,
+  Fig. 4), with ``switch_t`` the first timestep on prompt B; ``prompt_switch_karras`` the same
+  with the steps spaced in σ as EDM's sampler (Karras et al. 2022, ρ = 7; eDiff-I is built on
+  EDM), which spends most steps at low noise, so the same share of the steps is a different
+  noise level — and ``text_influence`` — t → how much the caption changes the predicted x₀,
   ‖x̂₀(c) − x̂₀(∅)‖ / ‖x̂₀(c)‖, with the cross-attention maps' normalised entropy beside it;
 * the comparison at equal training cost and equal sampling cost (one UNet per step):
   ``alignment``, ``fid`` for the experts, ``base_alignment``, ``base_fid`` for the baseline,
@@ -30,14 +33,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minildm.checkpoints import (CARD, WEIGHTS, atomic_write_file, load_checkpoint, load_stage_checkpoint,
+from minildm.checkpoints import (CARD, WEIGHTS, atomic_write_file, load_checkpoint, load_json, load_stage_checkpoint,
                                  load_state_into, save_json, save_tensors)
 from minildm.config import EVAL_SEED, DiffusionConfig, Profile, config_from_dict
 from minildm.diffusion import NoiseSchedule
 from minildm.errors import UserError
 from minildm.experts import ExpertRouter, expert_tree, prompt_switch
 from minildm.pipeline import DiffusionPipeline
-from minildm.samplers import sampling_timesteps
+from minildm.samplers import schedule_timesteps
 from minildm.stages import embeddings, ldm
 from minildm.unet import UNet
 
@@ -122,6 +125,8 @@ def train(profile: Profile, out: str, *, base: str | None = None, resume=False, 
     tensors = {f"text.{k[5:]}": v for k, v in base_state.items() if k.startswith("text.")}
     for role, name in zip(ROLES, ensemble):
         tensors.update({f"{role}.{k[5:]}": v for k, v in states[name].items() if k.startswith("unet.")})
+    multi_card = load_json(multi_dir / CARD)
+    runs = [*node_cards.values(), baseline_card, multi_card]  # everything this stage trained
     offset, curve = 0, []
     for node in nodes:
         curve += [[offset + step, loss] for step, loss in node_cards[node.name]["loss_curve"]]
@@ -136,6 +141,10 @@ def train(profile: Profile, out: str, *, base: str | None = None, resume=False, 
         "nodes": {name: {k: c[k] for k in ("steps", "wall_time_s", "final_loss")} for name, c in node_cards.items()},
         "steps": offset, "wall_time_s": round(sum(c["wall_time_s"] for c in node_cards.values()), 2),
         "baseline": {k: baseline_card[k] for k in ("steps", "wall_time_s", "final_loss")},
+        "multi_embedding": {k: multi_card[k] for k in ("steps", "wall_time_s", "final_loss")},
+        # "steps"/"wall_time_s" are the experts' own (the nodes); these count the three runs together
+        "training_steps": sum(c["steps"] for c in runs),
+        "training_wall_time_s": round(sum(c["wall_time_s"] for c in runs), 2),
         "loss_curve": curve, "device": baseline_card.get("device"), "seed": train_cfg.seed,
     }
     # beside nodes/ and baseline/: the weights first, the card (which marks a finished run) last
@@ -197,36 +206,43 @@ def switch_pairs(n: int) -> list[tuple[str, str]]:
 
 @torch.no_grad()
 def sample_switched(pipeline: DiffusionPipeline, prompts_a: list[str], prompts_b: list[str], fraction: float,
-                    steps: int | None = None, guidance: float | None = None, seed: int = EVAL_SEED) -> torch.Tensor:
+                    steps: int | None = None, guidance: float | None = None, seed: int = EVAL_SEED,
+                    spacing: str | None = None) -> torch.Tensor:
     """Images sampled with ``prompts_a`` for the first ``fraction`` of the DDIM steps and with
-    ``prompts_b`` for the rest (same noise for every fraction); the model's steps and guidance
-    by default."""
+    ``prompts_b`` for the rest (same noise for every fraction); the model's steps, guidance and
+    timestep spacing by default."""
     steps, guidance = steps or pipeline.cfg.sample_steps, guidance or pipeline.cfg.guidance
     cond_a, cond_b = pipeline.conditioning(prompts_a), pipeline.conditioning(prompts_b)
     guided_a, guided_b = pipeline.denoiser(guidance, cond_a), pipeline.denoiser(guidance, cond_b)
-    timesteps = sampling_timesteps(pipeline.schedule.steps, steps, pipeline.spacing)
+    spacing = spacing or pipeline.spacing
+    timesteps = schedule_timesteps(pipeline.schedule, steps, spacing)
     k = round(fraction * steps)  # steps taken with prompt A
     switch_at = timesteps[k] + 1 if k < steps else 0
     denoiser = prompt_switch(lambda x, t, _: guided_a(x, t, cond_a), lambda x, t, _: guided_b(x, t, cond_b),
                              switch_at)
-    latents = pipeline.sample_with(denoiser, None, len(prompts_a), steps=steps, seed=seed)
+    latents = pipeline.sample_with(denoiser, None, len(prompts_a), steps=steps, seed=seed, spacing=spacing)
     return pipeline.decode(latents)
 
 
 @torch.no_grad()
 def prompt_switch_curve(pipeline: DiffusionPipeline, judge, pairs: list[tuple[str, str]],
-                        fractions=SWITCH_FRACTIONS, steps: int | None = None, guidance: float | None = None) -> dict:
-    """f → fraction of images following B, and following A (eDiff-I Fig. 4); keys "0.0" … "1.0"."""
+                        fractions=SWITCH_FRACTIONS, steps: int | None = None, guidance: float | None = None,
+                        spacing: str | None = None) -> dict:
+    """f → fraction of images following B, and following A (eDiff-I Fig. 4); keys "0.0" … "1.0".
+    ``spacing``: the sampler's timesteps (default the model's; "karras": EDM's σ spacing)."""
     from minildm.data.captions import parse
     from minildm.metrics import clauses_hold
 
     prompts_a, prompts_b = [a for a, _ in pairs], [b for _, b in pairs]
-    follow_a, follow_b = {}, {}
+    timesteps = schedule_timesteps(pipeline.schedule, steps or pipeline.cfg.sample_steps, spacing or pipeline.spacing)
+    follow_a, follow_b, switch_t = {}, {}, {}
     for f in fractions:
-        reads = judge.read(sample_switched(pipeline, prompts_a, prompts_b, f, steps, guidance))
+        reads = judge.read(sample_switched(pipeline, prompts_a, prompts_b, f, steps, guidance, spacing=spacing))
         follow_a[f"{f:.1f}"] = float(np.mean([clauses_hold(parse(a), r) for a, r in zip(prompts_a, reads)]))
         follow_b[f"{f:.1f}"] = float(np.mean([clauses_hold(parse(b), r) for b, r in zip(prompts_b, reads)]))
-    return {"follow_b": follow_b, "follow_a": follow_a}
+        k = round(f * len(timesteps))
+        switch_t[f"{f:.1f}"] = timesteps[k] if k < len(timesteps) else None  # the first step on prompt B
+    return {"follow_b": follow_b, "follow_a": follow_a, "switch_t": switch_t}
 
 
 @torch.no_grad()
@@ -288,7 +304,9 @@ def evaluate(model: Experts, n: int = 656, seed: int = EVAL_SEED, judge=None) ->
     intervals = bootstrap_alignment(judged["correct"], base_judged["correct"], categories)
 
     started = time.perf_counter()
-    switch = prompt_switch_curve(model.baseline, judge, switch_pairs(min(48, max(4, n // 12))))
+    pairs = switch_pairs(min(48, max(4, n // 12)))
+    switch = prompt_switch_curve(model.baseline, judge, pairs)
+    karras = prompt_switch_curve(model.baseline, judge, pairs, spacing="karras")
     follow_b = switch["follow_b"]
     over_time = text_influence(model.baseline, n=min(64, n))
     return {
@@ -306,6 +324,10 @@ def evaluate(model: Experts, n: int = 656, seed: int = EVAL_SEED, judge=None) ->
         "prompt_switch_follow_a": switch["follow_a"],
         "follow_b_early": min(v for f, v in follow_b.items() if float(f) <= 0.3),
         "follow_b_late": max(v for f, v in follow_b.items() if float(f) >= 0.7),
+        "switch_t": switch["switch_t"],
+        "prompt_switch_karras": karras["follow_b"], "switch_t_karras": karras["switch_t"],
+        "follow_b_early_karras": min(v for f, v in karras["follow_b"].items() if float(f) <= 0.3),
+        "follow_b_late_karras": max(v for f, v in karras["follow_b"].items() if float(f) >= 0.7),
         "text_influence": over_time["text_influence"],
         "attention_entropy": over_time["attention_entropy"],
         "observation_seconds": round(time.perf_counter() - started, 1),
