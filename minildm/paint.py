@@ -28,8 +28,8 @@ works with the expert router too (it paints whichever expert runs).
 zero. On the course's model that moves objects little (notebook 05 measures it): its captions name
 no background to paint the rest of the canvas with, and its tiny CLIP text tower is causal, so the
 unpainted ``<eos>`` token, which has read the whole caption, offers every pixel every object. A
-:class:`PaintRecipe` adds, one at a time, what the reference code gets from painting a phrase for
-every part of the canvas:
+:class:`PaintRecipe` adds, one at a time, stand-ins for what the reference code gets by painting
+every part of the canvas with some phrase, and one step beyond the formula:
 
 * ``background`` — the unpainted rest of the canvas on ``<bos>``, a token that names nothing;
 * ``summary`` — ``<eos>`` painted with the union of the regions, so the caption's summary stays
