@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from minildm.paint_recipe import DEFAULT_RECIPE, PAINT_GUIDANCE, RECIPES
 from minildm.widgets import attention_overlay, to_png, upscale
 
 BRUSH_COLOURS = ((0.85, 0.2, 0.2), (0.2, 0.4, 0.9), (0.2, 0.7, 0.3), (0.9, 0.7, 0.1))  # phrase 1, 2, 3, 4
@@ -49,20 +50,18 @@ def render_canvas(canvas: np.ndarray, size: int = 96) -> np.ndarray:
 
 
 def paint_and_sample(pipeline, prompt: str, regions: dict, weight: float, seed: int = 0, steps: int = 50,
-                     guidance: float | None = None, recipe: str | None = None) -> dict:
+                     guidance: float = PAINT_GUIDANCE, recipe: str = DEFAULT_RECIPE) -> dict:
     """One painted sample: the ``image`` (H, W, 3) in [0, 1] and, per painted phrase, its
     cross-attention map (mean over layers, heads, steps and the phrase's tokens, at the image's
-    resolution). ``guidance`` and ``recipe`` (:func:`minildm.paint.token_masks`) default to
-    ``minildm.paint.PAINT_GUIDANCE`` and ``DEFAULT_RECIPE``."""
+    resolution). ``recipe``: one of :data:`minildm.paint.RECIPES`."""
     import torch
     import torch.nn.functional as F
 
     from minildm.data.datasets import to_numpy
-    from minildm.paint import DEFAULT_RECIPE, PAINT_GUIDANCE, phrase_tokens, sample_painted
+    from minildm.paint import phrase_tokens, sample_painted
 
-    latents, hook = sample_painted(pipeline, [prompt], regions, weight, steps=steps, seed=seed, record=bool(regions),
-                                   guidance=PAINT_GUIDANCE if guidance is None else guidance,
-                                   recipe=recipe or DEFAULT_RECIPE)
+    latents, hook = sample_painted(pipeline, [prompt], regions, weight, steps=steps, guidance=guidance, seed=seed,
+                                   record=bool(regions), recipe=recipe)
     image = to_numpy(pipeline.decode(latents)[0].cpu())
     maps = {}
     for phrase in regions:
@@ -91,7 +90,6 @@ def build_paint_canvas(pipeline, prompt: str = "a red circle and a blue square",
     import ipywidgets as widgets
 
     from minildm.errors import UserError
-    from minildm.paint_recipe import DEFAULT_RECIPE, RECIPES
 
     state = {"canvas": blank_canvas(side)}
     text = widgets.Text(value=prompt, description="prompt", layout=widgets.Layout(width="60%"))

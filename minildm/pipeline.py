@@ -15,6 +15,7 @@ import torch
 
 from minildm.config import DiffusionConfig
 from minildm.diffusion import NoiseSchedule
+from minildm.paint_recipe import DEFAULT_RECIPE
 from minildm.samplers import ClassifierFreeGuidance, ddim_sample, ddpm_sample
 
 
@@ -57,16 +58,16 @@ class DiffusionPipeline:
     @torch.no_grad()
     def sample_latents(self, captions: list[str], *, steps: int = 50, guidance: float = 3.0, seed: int = 0,
                        sampler: str = "ddim", eta: float = 0.0, callback=None, paint=None,
-                       paint_weight: float = 1.0, paint_recipe=None) -> torch.Tensor:
+                       paint_weight: float = 1.0, paint_recipe: str = DEFAULT_RECIPE) -> torch.Tensor:
         """z_0 (or images, in pixel space) for ``captions``; the noise is a pure function of ``seed``.
         ``paint``: ``{phrase: box or mask}`` (or one per caption) — paint-with-words
         (:mod:`minildm.paint`) with weight ``paint_weight`` (w′) and ``paint_recipe`` (a name of
-        ``minildm.paint.RECIPES``; None: its ``DEFAULT_RECIPE``)."""
+        ``minildm.paint.RECIPES``)."""
         if paint:
-            from minildm.paint import DEFAULT_RECIPE, sample_painted
+            from minildm.paint import sample_painted
 
             return sample_painted(self, captions, paint, paint_weight, steps=steps, guidance=guidance, seed=seed,
-                                  callback=callback, recipe=paint_recipe or DEFAULT_RECIPE)[0]
+                                  callback=callback, recipe=paint_recipe)[0]
         cond = self.conditioning(captions)
         return self.sample_with(self.denoiser(guidance, cond), cond, len(captions), steps=steps, seed=seed,
                                 sampler=sampler, eta=eta, callback=callback)

@@ -15,8 +15,8 @@ student. Guidance is a wrapper with that same signature, so a sampler never know
 η = 0 is deterministic; η = 1 is ancestral sampling. Timesteps for S steps out of T = 1000:
 "leading" (CompVis' "uniform": 981, 961, …, 1) or "trailing" (999, 979, …, 19; Lin et al. 2024,
 which reaches the noisiest step), both uniform in t; or "karras", the step distribution of EDM
-and eDiff-I (Karras et al. 2022, Eq. 5, ρ = 7), uniform in σ^(1/ρ), which spends most steps at low
-noise (:func:`karras_timesteps`). After the last step ᾱ_t′ is ᾱ_0, as in CompVis (diffusers:
+(Karras et al. 2022, Eq. 5, ρ = 7; eDiff-I is built on EDM), uniform in σ^(1/ρ), which spends
+most steps at low noise (:func:`karras_timesteps`). After the last step ᾱ_t′ is ᾱ_0, as in CompVis (diffusers:
 ``set_alpha_to_one=False``).
 
 **DDPM** (Ho et al. 2020, Alg. 2), on the same strided timesteps: the posterior
@@ -58,9 +58,13 @@ EDM_SIGMA_MAX = 80.0  # Karras et al.'s σ_max (under zero terminal SNR the sche
 
 def karras_timesteps(schedule: NoiseSchedule, steps: int, rho: float = 7.0) -> list[int]:
     """Descending timesteps whose σ_t follow Karras et al.'s Eq. 5 between the schedule's largest
-    finite σ (at most EDM's 80) and its smallest: σ_i = (σ_max^(1/ρ) + i/(S−1)·(σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ, each mapped to
-    the trained timestep of nearest log σ (one step higher where two would coincide, at the
-    quiet end). The first is always T − 1, the noisiest step (σ = ∞ under zero terminal SNR)."""
+    finite σ (at most EDM's 80) and its smallest,
+
+        σ_i = (σ_max^(1/ρ) + i/(S−1)·(σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ,
+
+    each mapped to the trained timestep of nearest log σ (one step higher where two would
+    coincide, at the quiet end). The first is always T − 1, the noisiest step (σ = ∞ under zero
+    terminal SNR)."""
     if not 2 <= steps <= schedule.steps:
         raise ValueError(f"karras spacing needs between 2 and {schedule.steps} steps, got {steps}")
     sigmas = schedule.sigma(torch.arange(schedule.steps)).double().numpy()

@@ -204,6 +204,13 @@ def switch_pairs(n: int) -> list[tuple[str, str]]:
     return pairs[:n]
 
 
+def switch_step(timesteps: list[int], fraction: float) -> int | None:
+    """The first timestep sampled with prompt B when the first ``fraction`` of ``timesteps`` use
+    prompt A (None: f = 1, never switched)."""
+    k = round(fraction * len(timesteps))  # steps taken with prompt A
+    return timesteps[k] if k < len(timesteps) else None
+
+
 @torch.no_grad()
 def sample_switched(pipeline: DiffusionPipeline, prompts_a: list[str], prompts_b: list[str], fraction: float,
                     steps: int | None = None, guidance: float | None = None, seed: int = EVAL_SEED,
@@ -215,9 +222,8 @@ def sample_switched(pipeline: DiffusionPipeline, prompts_a: list[str], prompts_b
     cond_a, cond_b = pipeline.conditioning(prompts_a), pipeline.conditioning(prompts_b)
     guided_a, guided_b = pipeline.denoiser(guidance, cond_a), pipeline.denoiser(guidance, cond_b)
     spacing = spacing or pipeline.spacing
-    timesteps = schedule_timesteps(pipeline.schedule, steps, spacing)
-    k = round(fraction * steps)  # steps taken with prompt A
-    switch_at = timesteps[k] + 1 if k < steps else 0
+    first_on_b = switch_step(schedule_timesteps(pipeline.schedule, steps, spacing), fraction)
+    switch_at = 0 if first_on_b is None else first_on_b + 1
     denoiser = prompt_switch(lambda x, t, _: guided_a(x, t, cond_a), lambda x, t, _: guided_b(x, t, cond_b),
                              switch_at)
     latents = pipeline.sample_with(denoiser, None, len(prompts_a), steps=steps, seed=seed, spacing=spacing)
@@ -240,8 +246,7 @@ def prompt_switch_curve(pipeline: DiffusionPipeline, judge, pairs: list[tuple[st
         reads = judge.read(sample_switched(pipeline, prompts_a, prompts_b, f, steps, guidance, spacing=spacing))
         follow_a[f"{f:.1f}"] = float(np.mean([clauses_hold(parse(a), r) for a, r in zip(prompts_a, reads)]))
         follow_b[f"{f:.1f}"] = float(np.mean([clauses_hold(parse(b), r) for b, r in zip(prompts_b, reads)]))
-        k = round(f * len(timesteps))
-        switch_t[f"{f:.1f}"] = timesteps[k] if k < len(timesteps) else None  # the first step on prompt B
+        switch_t[f"{f:.1f}"] = switch_step(timesteps, f)
     return {"follow_b": follow_b, "follow_a": follow_a, "switch_t": switch_t}
 
 
@@ -307,7 +312,6 @@ def evaluate(model: Experts, n: int = 656, seed: int = EVAL_SEED, judge=None) ->
     pairs = switch_pairs(min(48, max(4, n // 12)))
     switch = prompt_switch_curve(model.baseline, judge, pairs)
     karras = prompt_switch_curve(model.baseline, judge, pairs, spacing="karras")
-    follow_b = switch["follow_b"]
     over_time = text_influence(model.baseline, n=min(64, n))
     return {
         "n": n, "steps": experts["steps"], "guidance": experts["guidance"], "nfe": experts["nfe"],
@@ -320,17 +324,22 @@ def evaluate(model: Experts, n: int = 656, seed: int = EVAL_SEED, judge=None) ->
         "alignment_gain_ci": intervals["difference"],
         "images_per_second": experts["images_per_second"],
         "base_images_per_second": base["images_per_second"],
-        "prompt_switch": follow_b,
+        "prompt_switch": switch["follow_b"],
         "prompt_switch_follow_a": switch["follow_a"],
-        "follow_b_early": min(v for f, v in follow_b.items() if float(f) <= 0.3),
-        "follow_b_late": max(v for f, v in follow_b.items() if float(f) >= 0.7),
+        **_early_and_late(switch["follow_b"]),
         "switch_t": switch["switch_t"],
         "prompt_switch_karras": karras["follow_b"], "switch_t_karras": karras["switch_t"],
-        "follow_b_early_karras": min(v for f, v in karras["follow_b"].items() if float(f) <= 0.3),
-        "follow_b_late_karras": max(v for f, v in karras["follow_b"].items() if float(f) >= 0.7),
+        **{f"{k}_karras": v for k, v in _early_and_late(karras["follow_b"]).items()},
         "text_influence": over_time["text_influence"],
         "attention_entropy": over_time["attention_entropy"],
         "observation_seconds": round(time.perf_counter() - started, 1),
         "embeddings": (embeddings.evaluate(*model.multi, judge, n=min(96, max(4, n // 7)))
                        if model.multi is not None else None),
     }
+
+
+def _early_and_late(follow_b: dict) -> dict:
+    """The two readings of a prompt-switch curve: the least share following B for a switch
+    in the first 30% of the steps, the most for one in the last 30%."""
+    return {"follow_b_early": min(v for f, v in follow_b.items() if float(f) <= 0.3),
+            "follow_b_late": max(v for f, v in follow_b.items() if float(f) >= 0.7)}

@@ -32,6 +32,7 @@ import torch
 
 from minildm.config import EVAL_SEED, Profile
 from minildm.errors import UserError
+from minildm.paint_recipe import PAINT_GUIDANCE, RECIPES
 
 STAGE = "paint"
 MEASUREMENT = Path(__file__).resolve().parents[2] / "data" / "measurements" / "paint.json"
@@ -93,17 +94,16 @@ def placed(task: dict, read) -> bool:
 
 
 def judge_painting(pipeline, tasks: list[dict], judge, weight: float | None, seed: int = EVAL_SEED,
-                   recipe: str = "paper", guidance: float | None = None) -> dict:
-    """Sample every task (``weight`` None: unpainted) at ``guidance`` (default ``PAINT_GUIDANCE``)
-    and judge placement and alignment."""
+                   recipe: str = "paper", guidance: float = PAINT_GUIDANCE) -> dict:
+    """Sample every task (``weight`` None: unpainted) at ``guidance`` and judge placement and
+    alignment."""
     from minildm.data.captions import parse
     from minildm.metrics import clauses_hold
-    from minildm.paint import PAINT_GUIDANCE
 
     prompts = [t["prompt"] for t in tasks]
     paint = None if weight is None else [t["paint"] for t in tasks]
     images = pipeline(prompts, seed=seed, paint=paint, paint_weight=weight or 0.0, paint_recipe=recipe,
-                      steps=pipeline.cfg.sample_steps, guidance=PAINT_GUIDANCE if guidance is None else guidance)
+                      steps=pipeline.cfg.sample_steps, guidance=guidance)
     reads = judge.read(images)
     return {"images": images, "reads": reads,
             "placement": float(np.mean([placed(t, r) for t, r in zip(tasks, reads)])),
@@ -114,7 +114,6 @@ def judge_painting(pipeline, tasks: list[dict], judge, weight: float | None, see
 def evaluate(pipeline, n: int = 160, seed: int = EVAL_SEED, judge=None, weights=PAINT_WEIGHTS) -> dict:
     """The sweep over recipes and w′ against the unpainted model, then the best setting at the
     model's own guidance (module docstring)."""
-    from minildm.paint import PAINT_GUIDANCE, RECIPES
     from minildm.stages import judge as judge_stage
 
     if n < 1:
