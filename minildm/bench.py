@@ -242,7 +242,7 @@ def _sampling_speedups(device: str, profile) -> dict:
     distilled, _ = add_stage.load(None)
     if profile.name == "smoke":
         distilled.teacher.cfg = dataclasses.replace(distilled.teacher.cfg, sample_steps=steps)
-    add = add_stage.sampling_speed(distilled, prompts, repeats=2)
+    add = add_stage.sampling_speed(distilled, prompts, rounds=2)
     return {"latent_vs_pixel_sampling_speedup": round(seconds["pixel"] / seconds["latent"], 2),
             "latent_images_per_s": round(batch / seconds["latent"], 1),
             "pixel_images_per_s": round(batch / seconds["pixel"], 1),

@@ -6,7 +6,7 @@
                   [--set SECTION.FIELD=VALUE ...] [--base RUN | --teacher RUN]
                   [--judge RUN] [--autoencoder RUN] [--encoder RUN]   (the earlier runs it builds on)
     minildm sample [--model RUN_OR_CKPT] --prompt TEXT [--steps N] [--guidance S] [--seed N] [--n N] --out FILE.png
-    minildm eval STAGE --model RUN_OR_CKPT [--n N] --json
+    minildm eval STAGE --model RUN_OR_CKPT [--n N] [--seed N] --json
     minildm bench [--json]
     minildm results [--n N] [--json] [--save FILE.json]   (the papers' claims, measured now)
     minildm course --profile P --out DIR
@@ -111,7 +111,8 @@ def cmd_eval(args) -> int:
     model, card = stage.load(args.model)
     profile = get_profile(card.get("profile", "cpu"))
     n = args.n if args.n is not None else getattr(stage, "default_eval_n", lambda p: p.eval_n)(profile)
-    print_figures(stage.evaluate(model, n), args.json)
+    seed = {} if args.seed is None else {"seed": args.seed}
+    print_figures(stage.evaluate(model, n, **seed), args.json)
     return 0
 
 
@@ -231,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("stage", help=f"one of: {' '.join(EVAL_STAGES)}")
     evaluate.add_argument("--model", default=None, help="run directory or checkpoint (default: the reference)")
     evaluate.add_argument("--n", type=int, default=None, help="number of evaluation images (default: the profile's)")
+    evaluate.add_argument("--seed", type=int, default=None,
+                          help="seed of the evaluation's prompts and noise (default: the fixed one every "
+                               "card and the claims table use); another seed shows how much a figure moves")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.set_defaults(run=cmd_eval)
 
@@ -281,14 +285,18 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         args = build_parser().parse_args(argv)
-        return args.run(args)
+        status = args.run(args)
     except UserError as error:
         print(f"minildm: error: {error}", file=sys.stderr)
-        return 2
+        status = 2
     except KeyboardInterrupt:
         print("minildm: interrupted; a run directory keeps its last complete checkpoint "
               "(continue with --resume)", file=sys.stderr)
-        return 130
+        status = 130
+    if "torch" in sys.modules:  # under torchrun: end this rank here (see leave_process_group)
+        from minildm.train import leave_process_group
+        leave_process_group(status)
+    return status
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ from minildm.checkpoints import (CARD, WEIGHTS, atomic_write_dir, atomic_write_f
 from minildm.config import TrainConfig
 from minildm.errors import UserError
 
-__all__ = ["TrainingTask", "train", "is_main_process", "load_trained", "lr_multiplier", "ema_with_warmup", "loss_curve"]
+__all__ = ["TrainingTask", "train", "is_main_process", "leave_process_group", "load_trained", "lr_multiplier", "ema_with_warmup", "loss_curve"]
 
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
 CHECKPOINT_DIR = "checkpoint"
@@ -284,6 +284,28 @@ def train(task: TrainingTask, cfg: TrainConfig, out_dir: str | Path, *, resume: 
         atomic_write_file(out_dir / CARD, lambda path: save_json(path, card))
     accelerator.wait_for_everyone()
     return card
+
+
+def leave_process_group(status: int = 0) -> None:
+    """End a rank of a ``torchrun`` run: wait for the other ranks, then exit with ``status`` at once.
+    Does nothing outside a multi-process run. Call it last in a script that :func:`train` s under
+    ``torchrun``; ``minildm``'s command line does.
+
+    Left to the interpreter's teardown, a rank that had finished its work and written its output
+    was sometimes aborted (``terminate called without an active exception``, signal 6), and
+    torchrun then reported the whole run failed: twice in about 250 two-process runs on a loaded
+    2-core machine, once of them after ``destroy_process_group``. ``os._exit`` skips that
+    teardown; the run's files are complete (written atomically) and the streams are flushed
+    first. After an error (``status`` ≠ 0) the barrier is skipped: the other ranks may never
+    reach it.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if status == 0:
+        torch.distributed.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def is_main_process() -> bool:

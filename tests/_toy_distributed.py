@@ -15,7 +15,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: find minildm
 
 from minildm.config import TrainConfig  # noqa: E402
-from minildm.train import train  # noqa: E402
+from minildm.train import leave_process_group, train  # noqa: E402
 
 IN_FEATURES = 8
 
@@ -52,3 +52,4 @@ if __name__ == "__main__":
                       checkpoint_every=3, seed=0)
     card = train(ToyTask(), cfg, sys.argv[1], device="cpu", progress=False)
     assert card["world_size"] == 2, card["world_size"]
+    leave_process_group()  # as minildm's command line does, or a rank can abort at teardown

@@ -70,6 +70,9 @@ def test_eval_prints_one_json_object(capsys):
     for key in ("attribute_accuracy", "alignment_true", "alignment_mismatched", "fid_heldout"):
         assert key in metrics
     assert metrics["n"] == 40
+    assert main(["eval", "judge", "--n", "40", "--seed", "7", "--json"]) == 0
+    reseeded = json.loads(capsys.readouterr().out)
+    assert reseeded["fid_heldout"] != metrics["fid_heldout"], "--seed draws other scenes"
 
 
 def test_sample_mistakes_are_one_line(tmp_path):

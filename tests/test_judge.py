@@ -118,8 +118,7 @@ def test_torchrun_two_cpu_processes_train_the_judge_smoke_config(tmp_path):
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
          "-m", "minildm", "train", "judge", "--profile", "smoke", "--out", str(out), "--device", "cpu", "--quiet"],
         capture_output=True, text=True, timeout=300, env=env, cwd=Path(__file__).parents[1])
-    errors = [line for line in result.stderr.splitlines() if "minildm: error" in line or "Error" in line]
-    assert result.returncode == 0, "\n".join(errors[:5]) or result.stderr[-2000:]
+    assert result.returncode == 0, result.stderr[-4000:]
     card = json.loads((out / "card.json").read_text())
     assert card["world_size"] == 2 and card["stage"] == "judge"
     assert sorted(p.name for p in out.iterdir()) == ["card.json", "checkpoint", "model.safetensors"]

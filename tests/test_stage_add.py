@@ -56,6 +56,9 @@ def test_the_evaluation_measures_student_teacher_and_forced_teacher(add_run):
     for key in ("alignment_1step", "alignment_4step", "teacher_alignment", "teacher_ddim_1step_alignment"):
         assert 0 <= m[key] <= 1
     assert m["speedup_1step"] > 1, "one student step is cheaper than 50 guided teacher steps"
+    rounds = m["speedup_1step_rounds"]
+    assert len(rounds) == m["sampling_seconds"]["rounds"] >= 2, "teacher and student timed in interleaved rounds"
+    assert all(ratio > 0 for ratio in rounds)
     assert m["alignment_ratio_1step"] == pytest.approx(m["alignment_1step"] / max(m["teacher_alignment"], 1e-9))
 
 
