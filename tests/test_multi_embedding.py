@@ -6,7 +6,7 @@ import torch
 from minildm.config import UNetConfig
 from minildm.multi_embedding import DropRates, MultiEmbeddingUNet, background_brightness, keep_only
 from minildm.stages import clip as clip_stage
-from minildm.stages.embeddings import PROJECTION, PROJECTION_LR_SCALE, initial_state
+from minildm.stages.embeddings import PROJECTION, PROJECTION_LR_SCALE, background_probe, initial_state
 from minildm.train import parameter_groups
 from minildm.unet import UNet
 
@@ -56,3 +56,10 @@ def test_background_brightness_reads_the_frame():
     images[1] = 1.0
     images[:, :, 8:24, 8:24] = 0.3  # an object in the middle does not count
     assert background_brightness(images).tolist() == [0.0, 1.0]
+
+
+def test_the_image_embedding_holds_the_background_only_weakly():
+    """Why style transfer fails: dark against light backgrounds, read linearly."""
+    probe = background_probe(clip_stage.load(None)[0])
+    assert probe["probe_background_pixels"] >= 0.9, "4x4 pixels hold the background plainly"
+    assert 0.55 <= probe["probe_background_embedding"] <= probe["probe_background_pixels"] - 0.15, probe

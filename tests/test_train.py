@@ -191,3 +191,18 @@ def test_two_process_torchrun_on_cpu(tmp_path):
     assert card["world_size"] == 2 and card["steps"] == 6
     assert sorted(p.name for p in out.iterdir()) == ["card.json", "checkpoint", "model.safetensors"]
     assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 6
+
+
+@pytest.mark.parametrize("stage", ["judge", "ae", "clip"])
+def test_a_stage_run_is_a_function_of_its_seed(stage, tmp_path):
+    """The initial weights come from the profile's seed, not from whatever ran before."""
+    from minildm.config import get_profile
+    from minildm.stages import stage_module
+
+    module = stage_module(stage, (stage,))
+    for run, global_seed in (("a", 1), ("b", 2)):
+        torch.manual_seed(global_seed)
+        module.train(get_profile("smoke"), str(tmp_path / run), steps=1, progress=False)
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), f"{stage}: two runs with one seed differ"

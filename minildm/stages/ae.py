@@ -131,6 +131,7 @@ def train(profile: Profile, out: str, *, resume=False, steps=None, device=None, 
     dataset = load_image_dataset(data or "shapes", cfg.image_size, seed=train_cfg.seed)
     judge_path = judge
     judge = judge_stage.load(judge_path)[0] if cfg.perceptual_weight > 0 else None
+    torch.manual_seed(train_cfg.seed)  # initial weights: a function of the seed alone
     task = AutoencoderTask(cfg, dataset, train_cfg.batch_size, train_cfg.seed, judge)
     card = train_loop(task, train_cfg, out, resume=resume, device=device, command=command,
                       progress=progress, extra_card={"profile": profile.name, "data": data or "shapes",

@@ -110,6 +110,7 @@ def train(profile: Profile, out: str, *, resume=False, steps=None, device=None, 
         raise UserError(f"--data {data}: the tiny CLIP trains on the shapes world's image–caption pairs "
                         "and is measured on its ground truth, so it accepts only --data shapes")
     cfg = profile.clip_train if steps is None else dataclasses.replace(profile.clip_train, steps=steps)
+    torch.manual_seed(cfg.seed)  # initial weights: a function of the seed alone
     task = ClipTask(profile.clip, cfg.batch_size, cfg.seed)
     card = train_loop(task, cfg, out, resume=resume, device=device, command=command,
                       progress=progress, extra_card={"profile": profile.name})

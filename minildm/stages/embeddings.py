@@ -14,6 +14,9 @@ text and the CLIP image embedding of the training image — each dropped indepen
   ``background_distance_reference`` (caption + reference): the mean |brightness difference|
   between the sample's background and the reference's, with ``alignment_style`` (is the
   caption still followed).
+
+:func:`background_probe` asks why style transfer fails: how well a linear probe reads "dark or
+light background" out of the tiny CLIP's image embedding, beside the same probe on the pixels.
 """
 
 from __future__ import annotations
@@ -143,6 +146,33 @@ def style_references(n: int, seed: int = EVAL_SEED + 3, image_size: int = 32) ->
     order = torch.argsort(brightness)
     picks = [int(order[k // 2]) if k % 2 == 0 else int(order[-1 - k // 2]) for k in range(n)]
     return images[picks], [scenes[i] for i in picks]
+
+
+@torch.no_grad()
+def background_probe(encoder, n: int = 2000, fit: int = 1500, seed: int = EVAL_SEED + 7) -> dict:
+    """How much of the background the image embedding holds: the test accuracy of a linear probe
+    (:func:`minildm.metrics.linear_probe`) telling backgrounds darker than the median from lighter
+    ones (chance 0.5), fitted on ``fit`` of ``n`` renders and tested on the rest —
+
+    * ``probe_background_embedding``: read from the tiny CLIP's image embedding, the vector the
+      multi-embedding model is given;
+    * ``probe_background_pixels``: read from the render average-pooled to 4×4 pixels, which holds it
+      plainly (an upper bound for a linear read-out).
+
+    No caption names the background, so CLIP's contrastive objective gives the image tower no
+    reason to keep it: a style that the embedding barely holds cannot be carried over by it.
+    """
+    from minildm.data.datasets import shapes_batch
+    from minildm.metrics import linear_probe
+    from minildm.stages.clip import image_embeddings
+
+    images, _ = shapes_batch(seed, range(n), ShapesConfig(image_size=encoder.image_size))
+    brightness = background_brightness(images)
+    darker_or_lighter = (brightness > brightness[:fit].median()).long()
+    features = {"embedding": image_embeddings(encoder, images, normalise=False),
+                "pixels": torch.nn.functional.avg_pool2d(images.float(), images.shape[-1] // 4).flatten(1)}
+    return {f"probe_background_{name}": linear_probe(x[:fit], darker_or_lighter[:fit], x[fit:], darker_or_lighter[fit:])
+            for name, x in features.items()}
 
 
 @torch.no_grad()

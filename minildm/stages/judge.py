@@ -47,6 +47,7 @@ def train(profile: Profile, out: str, *, resume=False, steps=None, device=None, 
         raise UserError(f"--data {data}: the judge learns from the shapes world's ground truth "
                         "(shape, colour, size, cell), so it accepts only --data shapes")
     cfg = profile.judge_train if steps is None else dataclasses.replace(profile.judge_train, steps=steps)
+    torch.manual_seed(cfg.seed)  # initial weights: a function of the seed alone
     task = JudgeTask(profile.judge, profile.shapes, cfg.batch_size, cfg.seed)
     card = train_loop(task, cfg, out, resume=resume, device=device, command=command,
                       progress=progress, extra_card={"profile": profile.name})
