@@ -233,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", default=None, help="run directory or checkpoint (default: the reference)")
     evaluate.add_argument("--n", type=int, default=None, help="number of evaluation images (default: the profile's)")
     evaluate.add_argument("--seed", type=int, default=None,
-                          help="seed of the evaluation's prompts and noise (default: the fixed one every "
+                          help="seed of the evaluation's random draws: sampling noise and rendered scenes (the "
+                               "diffusion stages' prompts stay the fixed evaluation set; default: the seed every "
                                "card and the claims table use); another seed shows how much a figure moves")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.set_defaults(run=cmd_eval)

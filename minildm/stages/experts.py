@@ -233,9 +233,10 @@ def sample_switched(pipeline: DiffusionPipeline, prompts_a: list[str], prompts_b
 @torch.no_grad()
 def prompt_switch_curve(pipeline: DiffusionPipeline, judge, pairs: list[tuple[str, str]],
                         fractions=SWITCH_FRACTIONS, steps: int | None = None, guidance: float | None = None,
-                        spacing: str | None = None) -> dict:
+                        spacing: str | None = None, seed: int = EVAL_SEED) -> dict:
     """f → fraction of images following B, and following A (eDiff-I Fig. 4); keys "0.0" … "1.0".
-    ``spacing``: the sampler's timesteps (default the model's; "karras": EDM's σ spacing)."""
+    ``spacing``: the sampler's timesteps (default the model's; "karras": EDM's σ spacing);
+    ``seed``: the noise, the same for every f."""
     from minildm.data.captions import parse
     from minildm.metrics import clauses_hold
 
@@ -243,7 +244,7 @@ def prompt_switch_curve(pipeline: DiffusionPipeline, judge, pairs: list[tuple[st
     timesteps = schedule_timesteps(pipeline.schedule, steps or pipeline.cfg.sample_steps, spacing or pipeline.spacing)
     follow_a, follow_b, switch_t = {}, {}, {}
     for f in fractions:
-        reads = judge.read(sample_switched(pipeline, prompts_a, prompts_b, f, steps, guidance, spacing=spacing))
+        reads = judge.read(sample_switched(pipeline, prompts_a, prompts_b, f, steps, guidance, seed, spacing))
         follow_a[f"{f:.1f}"] = float(np.mean([clauses_hold(parse(a), r) for a, r in zip(prompts_a, reads)]))
         follow_b[f"{f:.1f}"] = float(np.mean([clauses_hold(parse(b), r) for b, r in zip(prompts_b, reads)]))
         switch_t[f"{f:.1f}"] = switch_step(timesteps, f)
@@ -310,9 +311,9 @@ def evaluate(model: Experts, n: int = 656, seed: int = EVAL_SEED, judge=None) ->
 
     started = time.perf_counter()
     pairs = switch_pairs(min(48, max(4, n // 12)))
-    switch = prompt_switch_curve(model.baseline, judge, pairs)
-    karras = prompt_switch_curve(model.baseline, judge, pairs, spacing="karras")
-    over_time = text_influence(model.baseline, n=min(64, n))
+    switch = prompt_switch_curve(model.baseline, judge, pairs, seed=seed)
+    karras = prompt_switch_curve(model.baseline, judge, pairs, spacing="karras", seed=seed)
+    over_time = text_influence(model.baseline, n=min(64, n), seed=seed)
     return {
         "n": n, "steps": experts["steps"], "guidance": experts["guidance"], "nfe": experts["nfe"],
         "alignment": experts["alignment"], "fid": experts["fid"],
@@ -333,7 +334,7 @@ def evaluate(model: Experts, n: int = 656, seed: int = EVAL_SEED, judge=None) ->
         "text_influence": over_time["text_influence"],
         "attention_entropy": over_time["attention_entropy"],
         "observation_seconds": round(time.perf_counter() - started, 1),
-        "embeddings": (embeddings.evaluate(*model.multi, judge, n=min(96, max(4, n // 7)))
+        "embeddings": (embeddings.evaluate(*model.multi, judge, n=min(96, max(4, n // 7)), seed=seed)
                        if model.multi is not None else None),
     }
 
