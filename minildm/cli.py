@@ -25,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from minildm.config import PROFILE_NAMES
+from minildm.config import EVAL_SEED, PROFILE_NAMES
 from minildm.errors import UserError
 from minildm.paint_recipe import DEFAULT_RECIPE, PAINT_GUIDANCE, RECIPES
 from minildm.stages import BASED_STAGES, EVAL_STAGES, TRAIN_STAGES, UPSTREAM
@@ -111,8 +111,7 @@ def cmd_eval(args) -> int:
     model, card = stage.load(args.model)
     profile = get_profile(card.get("profile", "cpu"))
     n = args.n if args.n is not None else getattr(stage, "default_eval_n", lambda p: p.eval_n)(profile)
-    seed = {} if args.seed is None else {"seed": args.seed}
-    print_figures(stage.evaluate(model, n, **seed), args.json)
+    print_figures(stage.evaluate(model, n, seed=args.seed), args.json)
     return 0
 
 
@@ -232,10 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("stage", help=f"one of: {' '.join(EVAL_STAGES)}")
     evaluate.add_argument("--model", default=None, help="run directory or checkpoint (default: the reference)")
     evaluate.add_argument("--n", type=int, default=None, help="number of evaluation images (default: the profile's)")
-    evaluate.add_argument("--seed", type=int, default=None,
+    evaluate.add_argument("--seed", type=int, default=EVAL_SEED,
                           help="seed of the evaluation's random draws: sampling noise and rendered scenes (the "
-                               "diffusion stages' prompts stay the fixed evaluation set; default: the seed every "
-                               "card and the claims table use); another seed shows how much a figure moves")
+                               "diffusion stages' prompts stay the fixed evaluation set; default: %(default)s, "
+                               "the seed of every card and the claims table); another seed shows how much a "
+                               "figure moves")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.set_defaults(run=cmd_eval)
 
@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         print("minildm: interrupted; a run directory keeps its last complete checkpoint "
               "(continue with --resume)", file=sys.stderr)
         status = 130
-    if "torch" in sys.modules:  # under torchrun: end this rank here (see leave_process_group)
+    if "minildm.train" in sys.modules:  # a run that trained may be a torchrun rank: end it here
         from minildm.train import leave_process_group
         leave_process_group(status)
     return status

@@ -299,7 +299,7 @@ def leave_process_group(status: int = 0) -> None:
     first. After an error (``status`` ≠ 0) the barrier is skipped: the other ranks may never
     reach it.
     """
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if not _in_process_group():
         return
     if status == 0:
         torch.distributed.barrier()
@@ -310,8 +310,12 @@ def leave_process_group(status: int = 0) -> None:
 
 def is_main_process() -> bool:
     """True in a single-process run, and on rank 0 of a multi-process one."""
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
-        or torch.distributed.get_rank() == 0
+    return not _in_process_group() or torch.distributed.get_rank() == 0
+
+
+def _in_process_group() -> bool:
+    """True in a process of a multi-process (torchrun / accelerate launch) run."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 # ------------------------------------------------------------------------------------ the pieces
@@ -389,8 +393,7 @@ def _make_accelerator(cfg: TrainConfig, device: str | None) -> Accelerator:
     # Accelerate keeps its settings in process-wide state, and refuses a second Accelerator with
     # other settings; a notebook that trains one stage in bf16 and the next in fp32 needs it
     # afresh. Under torchrun the process group (the "partial state") is kept.
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    AcceleratorState._reset_state(reset_partial_state=not distributed)
+    AcceleratorState._reset_state(reset_partial_state=not _in_process_group())
     return Accelerator(cpu=device == "cpu", mixed_precision=cfg.mixed_precision)
 
 
