@@ -100,6 +100,18 @@ def bootstrap_alignment(correct_a: Sequence[bool], correct_b: Sequence[bool], ca
     return {"a": interval(stats[:, 0]), "b": interval(stats[:, 1]), "difference": interval(stats[:, 0] - stats[:, 1])}
 
 
+def paired_bootstrap_difference(values_a: Sequence[float], values_b: Sequence[float], rounds: int = 2000,
+                                seed: int = 0, level: float = 0.95) -> list[float]:
+    """The ``level`` interval ``[low, high]`` of mean(a) − mean(b) for two measurements of the same
+    items (paired): each round resamples the items with replacement."""
+    a, b = np.asarray(values_a, float), np.asarray(values_b, float)
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(a), size=(rounds, len(a)))
+    differences = a[picks].mean(axis=1) - b[picks].mean(axis=1)
+    tail = (1 - level) / 2 * 100
+    return [float(np.percentile(differences, tail)), float(np.percentile(differences, 100 - tail))]
+
+
 def retrieval_top1(similarity: torch.Tensor, texts: Sequence[str]) -> dict[str, float]:
     """Top-1 retrieval both ways from a (texts × images) similarity matrix, where text i is the
     caption of image i. A retrieved item counts as right when its caption's text equals the true

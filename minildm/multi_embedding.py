@@ -7,9 +7,9 @@ tiny CLIP of notebook 02, in place of T5 + CLIP-L), so the three conditions are:
 
 * its **per-token** text embeddings → cross-attention (as in the LDM);
 * its **pooled** text embedding (CLIP's projection at ``<eos>``) and
-* the CLIP **image** embedding of a reference image, both L2-normalised, concatenated and
-  projected onto the timestep embedding (the UNet's ``pooled`` route, zero-initialised so that
-  fine-tuning starts exactly at the base model).
+* the CLIP **image** embedding of a reference image (:func:`image_condition`), both
+  L2-normalised, concatenated and projected onto the timestep embedding (the UNet's ``pooled``
+  route, zero-initialised so that fine-tuning starts exactly at the base model).
 
 Training drops each condition independently (its whole tensor set to zero), and with
 ``joint_drop`` all of them at once: the unconditional model that guidance needs. At sampling
@@ -20,6 +20,7 @@ new caption's sample: eDiff-I's style transfer.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,6 +81,30 @@ def keep_only(names, n: int) -> dict[str, torch.Tensor]:
     if unknown:
         raise ValueError(f"unknown conditions {sorted(unknown)}; choose from {CONDITIONS}")
     return {name: torch.full((n,), float(name in names)) for name in CONDITIONS}
+
+
+def image_condition(encoder, images: torch.Tensor) -> torch.Tensor:
+    """The image embedding the multi-embedding model is given for images (B, 3, H, W) in [-1, 1]:
+    the tiny CLIP's projected image embedding ‖ the mean of its vision tower's last-layer patch
+    tokens, each L2-normalised, the pair scaled to unit norm: (B, P + W).
+
+    Toy-scale change: eDiff-I gives its denoisers the projected CLIP-L image embedding alone. That
+    vector holds style because CLIP learnt from web captions that name styles and colours; the
+    course's captions never name the background, so the tiny CLIP's projection keeps little of it
+    (:func:`minildm.stages.embeddings.background_probe`: a linear probe reads dark against light
+    backgrounds from it about 65% of the time, from the patch-token mean about 93%). The mean of
+    the patch tokens is the same network's reading of the whole picture, before the projection
+    throws away what no caption asked for.
+    """
+    out = encoder.clip.vision_model(pixel_values=encoder.pixel_values(images))
+    projected = encoder.clip.visual_projection(out.pooler_output).float()
+    patches = out.last_hidden_state[:, 1:].mean(dim=1).float()  # token 0 is the class token
+    return torch.cat([F.normalize(projected, dim=-1), F.normalize(patches, dim=-1)], dim=-1) / math.sqrt(2)
+
+
+def image_condition_dim(encoder) -> int:
+    """The width of :func:`image_condition`: the projection's plus the vision tower's."""
+    return encoder.pooled_dim + encoder.clip.config.vision_config.hidden_size
 
 
 def background_brightness(images: torch.Tensor, border: int = 2) -> torch.Tensor:

@@ -3,7 +3,7 @@ import torch
 
 from minildm.data.captions import parse
 from minildm.judge import ReadObject
-from minildm.metrics import alignment_report, clauses_hold, frechet_distance, psnr
+from minildm.metrics import alignment_report, clauses_hold, frechet_distance, paired_bootstrap_difference, psnr
 
 
 def obj(shape, colour="red", size="small", cell=0):
@@ -56,3 +56,14 @@ def test_alignment_is_the_mean_over_categories():
     report = alignment_report([1, 1, 0, 0, 0, 1], ["a", "a", "b", "b", "b", "b"])
     assert report["alignment_by_category"] == {"a": 1.0, "b": 0.25}
     assert report["alignment"] == 0.625
+
+
+def test_paired_bootstrap_difference_follows_the_pairing():
+    rng = np.random.default_rng(0)
+    b = rng.normal(0, 1, 200)
+    # a = b - 0.1 for every item: the paired difference is exactly -0.1 in every resample
+    low, high = paired_bootstrap_difference(b - 0.1, b)
+    assert abs(low + 0.1) < 1e-9 and abs(high + 0.1) < 1e-9
+    # independent noise of the same spread: an interval around zero, about ±1.96·√(2/200)
+    low, high = paired_bootstrap_difference(rng.normal(0, 1, 200), b)
+    assert low < 0 < high and 0.15 < high - low < 0.45

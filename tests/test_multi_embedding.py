@@ -4,7 +4,8 @@ import numpy as np
 import torch
 
 from minildm.config import UNetConfig
-from minildm.multi_embedding import DropRates, MultiEmbeddingUNet, background_brightness, keep_only
+from minildm.multi_embedding import (DropRates, MultiEmbeddingUNet, background_brightness, image_condition,
+                                     image_condition_dim, keep_only)
 from minildm.stages import clip as clip_stage
 from minildm.stages.embeddings import PROJECTION, PROJECTION_LR_SCALE, background_probe, initial_state
 from minildm.train import parameter_groups
@@ -24,7 +25,7 @@ def test_drops_are_independent_with_a_joint_drop():
 def test_dropped_conditions_are_zero_and_the_new_route_starts_at_the_base():
     encoder = clip_stage.load(None)[0]
     cfg = UNetConfig(model_channels=16, channel_mult=(1, 2), heads=2, context_dim=encoder.token_dim,
-                     pooled_dim=2 * encoder.pooled_dim)
+                     pooled_dim=encoder.pooled_dim + image_condition_dim(encoder))
     model = MultiEmbeddingUNet(UNet(cfg), encoder.text_model, encoder.clip.text_projection)
     base = UNet(UNetConfig(model_channels=16, channel_mult=(1, 2), heads=2, context_dim=encoder.token_dim))
     base_state = {f"unet.{k}": v for k, v in base.state_dict().items()}
@@ -32,7 +33,9 @@ def test_dropped_conditions_are_zero_and_the_new_route_starts_at_the_base():
     model.load_state_dict(initial_state(base_state, model))
     tokens = encoder.tokenize(["a red circle", "two blue squares"])
     images = torch.rand(2, 3, 32, 32) * 2 - 1
-    embedding = encoder.encode_image(images)
+    embedding = image_condition(encoder, images)
+    assert embedding.shape == (2, image_condition_dim(encoder))  # [projected ‖ patch mean], each part of norm 1/√2
+    torch.testing.assert_close(embedding[:, :encoder.pooled_dim].norm(dim=-1), torch.full((2,), 0.5 ** 0.5))
     cond = model.conditions(tokens["input_ids"], tokens["attention_mask"], embedding, keep_only(("image",), 2))
     assert cond["context"].abs().sum() == 0 and cond["pooled"][:, :encoder.pooled_dim].abs().sum() == 0
     assert torch.allclose(cond["pooled"][:, encoder.pooled_dim:].norm(dim=-1), torch.ones(2))
@@ -47,7 +50,7 @@ def test_dropped_conditions_are_zero_and_the_new_route_starts_at_the_base():
     default, projection = parameter_groups(model, 1e-4, {PROJECTION: PROJECTION_LR_SCALE})
     emb_dim = 4 * cfg.model_channels  # the timestep embedding's width
     assert projection["lr"] == 1e-3 and default["lr"] == 1e-4
-    assert [p.shape for p in projection["params"]] == [(emb_dim, 2 * encoder.pooled_dim), (emb_dim,)]
+    assert [p.shape for p in projection["params"]] == [(emb_dim, cfg.pooled_dim), (emb_dim,)]
     assert len(default["params"]) == len(list(model.unet.parameters())) - 2
 
 
@@ -58,8 +61,10 @@ def test_background_brightness_reads_the_frame():
     assert background_brightness(images).tolist() == [0.0, 1.0]
 
 
-def test_the_image_embedding_holds_the_background_only_weakly():
-    """Why style transfer fails: dark against light backgrounds, read linearly."""
+def test_the_projected_embedding_holds_the_background_weakly_and_the_patch_tokens_plainly():
+    """Why the image condition adds the patch tokens: dark against light backgrounds, read linearly."""
     probe = background_probe(clip_stage.load(None)[0])
     assert probe["probe_background_pixels"] >= 0.9, "4x4 pixels hold the background plainly"
     assert 0.55 <= probe["probe_background_embedding"] <= probe["probe_background_pixels"] - 0.15, probe
+    assert probe["probe_background_patches"] >= probe["probe_background_embedding"] + 0.15, probe
+    assert probe["probe_background_condition"] >= probe["probe_background_patches"] - 0.03, probe

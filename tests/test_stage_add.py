@@ -89,7 +89,7 @@ def make_task():
 
     diffusion = config_from_dict(DiffusionConfig, card["config"]["diffusion"])
     encoder, autoencoder = ldm_stage._parts("latent", 32)
-    cache = ldm_stage.ItemCache(8, 0, 32, autoencoder, image_encoder=encoder)
+    cache = ldm_stage.ItemCache(8, 0, 32, autoencoder, embed_images=encoder.encode_image)
     text = {"category": add_stage.pooled_text(encoder, cache.category), "full": add_stage.pooled_text(encoder, cache.full)}
 
     def task(**changes):

@@ -14,8 +14,9 @@ What the diffusion stages take from it (:class:`TextImageEncoder`):
 * ``encode_text(captions).pooled`` — one projected vector per caption (the hidden state at
   ``<eos>``, through the text projection): the embedding that retrieval uses and that eDiff-I
   adds to the timestep embedding. One vector per caption, so which word said what is mixed.
-* ``encode_image(images)`` — the projected image embedding (eDiff-I's CLIP-image condition,
-  ADD's discriminator's image projection).
+* ``encode_image(images)`` — the projected image embedding (ADD's discriminator's image
+  projection; eDiff-I's CLIP-image condition, which the course widens with the vision tower's
+  patch tokens: :func:`minildm.multi_embedding.image_condition`).
 
 Scale: OpenAI's ViT-B/32 CLIP has 151 M parameters trained on 400 M pairs; this one has a few
 hundred thousand trained on shapes-world pairs for minutes, on 32 px images in 4×4 patches. The

@@ -271,7 +271,7 @@ def make_task(profile: Profile, train_cfg, base: str | None = None,
     if autoencoder is None:
         raise UserError(f"--teacher {teacher_path} is a pixel-space model; ADD distils the latent one")
     cache = ldm.ItemCache(cache_size or profile.extras.get("add_cache_size", 8192), train_cfg.seed, image_size,
-                          autoencoder, image_encoder=encoder)
+                          autoencoder, embed_images=encoder.encode_image)
     cache.image_embeddings = torch.nn.functional.normalize(cache.image_embeddings, dim=-1)
     text_embeddings = {"category": pooled_text(encoder, cache.category), "full": pooled_text(encoder, cache.full)}
     task = AddTask(profile.add, diffusion, teacher_state, encoder, autoencoder, cache, text_embeddings,

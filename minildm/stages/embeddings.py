@@ -2,7 +2,8 @@
 
 Trained by ``minildm train experts`` after the expert tree (``RUN/multi_embedding``): the base
 LDM fine-tuned with the conditions of :mod:`minildm.multi_embedding` — per-token text, pooled
-text and the CLIP image embedding of the training image — each dropped independently.
+text and the CLIP image embedding of the training image (:func:`~minildm.multi_embedding.image_condition`)
+— each dropped independently.
 :func:`evaluate` measures what each embedding does alone and together:
 
 * ``alignment_text`` — tokens + pooled text (the judge's verdict on the caption);
@@ -12,11 +13,12 @@ text and the CLIP image embedding of the training image — each dropped indepen
 * style transfer — a new caption sampled with the embedding of a reference whose background is
   dark or light (a property no caption names): ``background_distance_text`` (caption alone) and
   ``background_distance_reference`` (caption + reference): the mean |brightness difference|
-  between the sample's background and the reference's, with ``alignment_style`` (is the
-  caption still followed).
+  between the sample's background and the reference's, with a paired-bootstrap interval of their
+  difference, and ``alignment_style`` (is the caption still followed).
 
-:func:`background_probe` asks why style transfer fails: how well a linear probe reads "dark or
-light background" out of the tiny CLIP's image embedding, beside the same probe on the pixels.
+:func:`background_probe` asks what each image vector can carry: how well a linear probe reads
+"dark or light background" out of the tiny CLIP's projected image embedding, out of its patch
+tokens and out of the pixels.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ import torch
 
 from minildm.checkpoints import load_checkpoint, load_state_into
 from minildm.config import EVAL_SEED, DiffusionConfig, ShapesConfig, config_from_dict
-from minildm.multi_embedding import DropRates, MultiEmbeddingUNet, background_brightness, keep_only
+from minildm.multi_embedding import (DropRates, MultiEmbeddingUNet, background_brightness, image_condition,
+                                     image_condition_dim, keep_only)
 from minildm.pipeline import DiffusionPipeline
 from minildm.stages import ldm
 from minildm.unet import UNet
@@ -81,7 +84,7 @@ class MultiEmbeddingTask(ldm.DiffusionTask):
 
 def multi_config(base_cfg: DiffusionConfig, encoder) -> DiffusionConfig:
     """The base LDM's configuration with the pooled route: [pooled text ‖ image embedding]."""
-    unet = dataclasses.replace(base_cfg.unet, pooled_dim=2 * encoder.pooled_dim)
+    unet = dataclasses.replace(base_cfg.unet, pooled_dim=encoder.pooled_dim + image_condition_dim(encoder))
     return dataclasses.replace(base_cfg, unet=unet, train_text_encoder=False)
 
 
@@ -128,8 +131,8 @@ def sample(model: MultiEmbeddingUNet, pipeline: DiffusionPipeline, captions: lis
     encoder = pipeline.encoder
     tokens = encoder.tokenize(captions)
     n = len(captions)
-    image_embedding = (encoder.encode_image(references).float() if references is not None
-                       else torch.zeros(n, encoder.pooled_dim))
+    image_embedding = (image_condition(encoder, references) if references is not None
+                       else torch.zeros(n, image_condition_dim(encoder)))
     cond = model.conditions(tokens["input_ids"], tokens["attention_mask"], image_embedding, keep_only(use, n))
     cond = {k: v.float() if k != "mask" else v for k, v in cond.items()}
     steps, guidance = steps or pipeline.cfg.sample_steps, guidance or pipeline.cfg.guidance
@@ -150,17 +153,20 @@ def style_references(n: int, seed: int = EVAL_SEED + 3, image_size: int = 32) ->
 
 @torch.no_grad()
 def background_probe(encoder, n: int = 2000, fit: int = 1500, seed: int = EVAL_SEED + 7) -> dict:
-    """How much of the background the image embedding holds: the test accuracy of a linear probe
+    """How much of the background each image vector holds: the test accuracy of a linear probe
     (:func:`minildm.metrics.linear_probe`) telling backgrounds darker than the median from lighter
     ones (chance 0.5), fitted on ``fit`` of ``n`` renders and tested on the rest —
 
-    * ``probe_background_embedding``: read from the tiny CLIP's image embedding, the vector the
-      multi-embedding model is given;
+    * ``probe_background_embedding``: read from the tiny CLIP's projected image embedding, eDiff-I's
+      image condition as the paper defines it;
+    * ``probe_background_patches``: read from the mean of the vision tower's last-layer patch tokens;
+    * ``probe_background_condition``: read from the two together
+      (:func:`~minildm.multi_embedding.image_condition`), what the multi-embedding model is given;
     * ``probe_background_pixels``: read from the render average-pooled to 4×4 pixels, which holds it
       plainly (an upper bound for a linear read-out).
 
-    No caption names the background, so CLIP's contrastive objective gives the image tower no
-    reason to keep it: a style that the embedding barely holds cannot be carried over by it.
+    No caption names the background, so CLIP's contrastive objective gives the projection no
+    reason to keep it; the patch tokens, read before the projection, still do.
     """
     from minildm.data.datasets import shapes_batch
     from minildm.metrics import linear_probe
@@ -169,7 +175,10 @@ def background_probe(encoder, n: int = 2000, fit: int = 1500, seed: int = EVAL_S
     images, _ = shapes_batch(seed, range(n), ShapesConfig(image_size=encoder.image_size))
     brightness = background_brightness(images)
     darker_or_lighter = (brightness > brightness[:fit].median()).long()
-    features = {"embedding": image_embeddings(encoder, images, normalise=False),
+    condition = image_condition(encoder, images).detach()
+    projected = image_embeddings(encoder, images, normalise=False).detach()
+    features = {"embedding": projected, "patches": condition[:, projected.shape[1]:],
+                "condition": condition,
                 "pixels": torch.nn.functional.avg_pool2d(images.float(), images.shape[-1] // 4).flatten(1)}
     return {f"probe_background_{name}": linear_probe(x[:fit], darker_or_lighter[:fit], x[fit:], darker_or_lighter[fit:])
             for name, x in features.items()}
@@ -180,7 +189,7 @@ def evaluate(model: MultiEmbeddingUNet, pipeline: DiffusionPipeline, judge, n: i
     """The experiments of the module docstring, ``n`` images each."""
     from minildm.data.captions import category_caption, parse
     from minildm.data.datasets import shapes_batch
-    from minildm.metrics import clauses_hold
+    from minildm.metrics import clauses_hold, paired_bootstrap_difference
 
     def alignment(captions, images):
         return float(np.mean([clauses_hold(parse(c), r) for c, r in zip(captions, judge.read(images))]))
@@ -211,14 +220,19 @@ def evaluate(model: MultiEmbeddingUNet, pipeline: DiffusionPipeline, judge, n: i
     styled = sample(model, pipeline, new_captions, references, ("tokens", "pooled", "image"), seed)
     plain = sample(model, pipeline, new_captions, None, ("tokens", "pooled"), seed)
     target = background_brightness(references)
+    distance_reference = (background_brightness(styled) - target).abs()
+    distance_text = (background_brightness(plain) - target).abs()
     return {
         "n": n,
         "alignment_text": alignment(captions, text_only),
         "alignment_both": alignment(captions, both),
         "image_match": holds_reference(image_only),
         "image_match_unconditional": holds_reference(unconditional),
-        "background_distance_text": float((background_brightness(plain) - target).abs().mean()),
-        "background_distance_reference": float((background_brightness(styled) - target).abs().mean()),
+        "background_distance_text": float(distance_text.mean()),
+        "background_distance_reference": float(distance_reference.mean()),
+        # paired over the references (same caption, same noise): reference minus caption alone
+        "background_distance_difference_ci": paired_bootstrap_difference(distance_reference.tolist(),
+                                                                         distance_text.tolist()),
         "alignment_style": alignment(new_captions, styled),
         "alignment_style_text": alignment(new_captions, plain),
     }

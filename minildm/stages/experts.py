@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ from minildm.config import EVAL_SEED, DiffusionConfig, Profile, config_from_dict
 from minildm.diffusion import NoiseSchedule
 from minildm.errors import UserError
 from minildm.experts import ExpertRouter, expert_tree, prompt_switch
+from minildm.multi_embedding import image_condition
 from minildm.pipeline import DiffusionPipeline
 from minildm.samplers import schedule_timesteps
 from minildm.stages import embeddings, ldm
@@ -87,7 +89,7 @@ def train(profile: Profile, out: str, *, base: str | None = None, resume=False, 
     parts = base_card.get("parts")  # the base's autoencoder and encoder
     encoder, autoencoder = ldm._parts(cfg.space, image_size, parts)
     cache = ldm.ItemCache(profile.extras.get("cache_size", 40_000), train_cfg.seed, image_size, autoencoder,
-                          image_encoder=encoder)  # image embeddings: for the multi-embedding model
+                          embed_images=functools.partial(image_condition, encoder))  # for the multi-embedding model
     nodes, ensemble = expert_tree(NoiseSchedule().steps)
 
     def fine_tune(name: str, start: dict, interval, run_cfg) -> tuple[dict, dict]:

@@ -60,7 +60,7 @@ class ItemCache:
     encoded once, in batches) or nothing (pixel space: images are re-rendered, which is cheap)."""
 
     def __init__(self, size: int, seed: int, image_size: int, autoencoder=None, batch_size: int = 256,
-                 image_encoder=None):
+                 embed_images=None):
         self.size, self.seed, self.image_size = size, seed, image_size
         self.category, self.full, latents, embeddings = [], [], [], []
         shapes = ShapesConfig(image_size=image_size)
@@ -71,8 +71,8 @@ class ItemCache:
             with torch.no_grad():
                 if autoencoder is not None:
                     latents.append(autoencoder.encode(images).float())
-                if image_encoder is not None:  # CLIP image embeddings (eDiff-I's image condition)
-                    embeddings.append(image_encoder.encode_image(images).float())
+                if embed_images is not None:  # image embeddings: eDiff-I's condition, ADD's discriminator's
+                    embeddings.append(embed_images(images).float())
         self.latents = torch.cat(latents) if latents else None
         self.image_embeddings = torch.cat(embeddings) if embeddings else None
 
