@@ -41,6 +41,14 @@ def _ratio(a, b):
     return None if a is None or not b else a / b
 
 
+def _style_ratio(embeddings: dict | None):
+    """Background distance with the reference's image condition over the caption's alone (None
+    when the experts run has no multi-embedding model)."""
+    if not embeddings:
+        return None
+    return _ratio(embeddings["background_distance_reference"], embeddings["background_distance_text"])
+
+
 CLAIMS = (
     Claim("LDM", "latent diffusion samples much faster than pixel diffusion",
           "images/s, latent over pixel (same UNet widths, 50 guided DDIM steps, decoder included)",
@@ -78,6 +86,11 @@ CLAIMS = (
           "judge alignment, experts minus the single model fine-tuned for the same total steps",
           lambda f: f["experts"]["alignment_gain"], _target("experts", "alignment_gain"),
           "better FID–CLIP trade-off at every guidance scale (Fig. 7)"),
+    Claim("eDiff-I", "a reference image's embedding carries its style into a new caption",
+          "background brightness distance to a dark or light reference, the new caption sampled with the reference's "
+          "image condition over the caption alone (the multi-embedding model; a ratio below 1 moves toward it)",
+          lambda f: _style_ratio(f["experts"].get("embeddings")), ("<=", 0.8),
+          "— (qualitative: samples \"faithful to both the input style and the input caption\")"),
     Claim("eDiff-I", "paint-with-words places objects without training",
           "share of two-object prompts with both objects read in their painted cells (best recipe and w′, guidance 7.5)",
           lambda f: f["paint"]["placement"], _target("paint", "placement"), "— (qualitative, Figs. 13–15)"),

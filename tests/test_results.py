@@ -13,7 +13,8 @@ def _figures(**overrides):
         "ldm": {"images_per_second": 12.0, "fid": 400.0, "alignment": 0.6, "alignment_two_object": 0.7},
         "pixel": {"images_per_second": 2.0, "fid": 800.0, "alignment": 0.2},
         "experts": {"follow_b_early": 0.9, "follow_b_late": 0.05, "follow_b_late_karras": 0.02, "alignment_gain": 0.01,
-                    "prompt_switch": {"0.0": 1.0, "0.5": 0.6, "0.9": 0.04, "1.0": 0.0}},
+                    "prompt_switch": {"0.0": 1.0, "0.5": 0.6, "0.9": 0.04, "1.0": 0.0},
+                    "embeddings": {"background_distance_reference": 0.09, "background_distance_text": 0.12}},
         "paint": {"placement": 0.3, "alignment_drop": 0.02},
         "add": {"alignment_ratio_1step": 0.95, "fid_ratio_1step": 1.2, "alignment_4step_minus_1step": 0.04,
                 "alignment_1step_minus_teacher_ddim_1step": 0.5, "speedup_1step": 30.0},
@@ -55,6 +56,12 @@ def test_a_verdict_follows_the_number():
     late = results.claims_table(_figures(experts__follow_b_late=0.5))
     assert _row(late, "… and is ignored late")["met"] is False
     assert _row(late, "… at the paper's granularity")["ours"] == pytest.approx(0.04)
+    style = "a reference image's embedding carries its style into a new caption"
+    assert _row(results.claims_table(_figures()), style)["ours"] == pytest.approx(0.75)
+    assert _row(results.claims_table(_figures()), style)["met"] is True
+    unmoved = _figures(experts__embeddings={"background_distance_reference": 0.12, "background_distance_text": 0.12})
+    assert _row(results.claims_table(unmoved), style)["met"] is False
+    assert _row(results.claims_table(_figures(experts__embeddings=None)), style)["ours"] is None
 
 
 def test_markdown_marks_the_misses():

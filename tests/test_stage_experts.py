@@ -55,6 +55,9 @@ def test_the_card_measures_the_observation_and_the_comparison(experts_run):
     assert all(0 <= v <= 1 for v in m["prompt_switch"].values())
     assert list(m["prompt_switch_karras"]) == list(m["prompt_switch"])
     assert all(0 <= v <= 1 for v in m["prompt_switch_karras"].values())
+    for split in ("shape", "colour", "shape_karras", "colour_karras"):  # following B in full needs both
+        curve, whole = m[f"prompt_switch_{split}"], m["prompt_switch_karras" if "karras" in split else "prompt_switch"]
+        assert list(curve) == list(whole) and all(whole[f] <= v <= 1 for f, v in curve.items()), split
     assert m["switch_t"]["1.0"] is None and m["switch_t_karras"]["1.0"] is None, "f = 1: never switched"
     assert m["switch_t_karras"]["0.0"] == 999, "EDM's spacing starts at the noisiest step"
     karras_t = [t for t in m["switch_t_karras"].values() if t is not None]

@@ -14,7 +14,9 @@ checkpoint). The text tower is frozen in all of these runs, so the experts share
   Fig. 4), with ``switch_t`` the first timestep on prompt B; ``prompt_switch_karras`` the same
   with the steps spaced in σ as EDM's sampler (Karras et al. 2022, ρ = 7; eDiff-I is built on
   EDM), which spends most steps at low noise, so the same share of the steps is a different
-  noise level — and ``text_influence`` — t → how much the caption changes the predicted x₀,
+  noise level; ``prompt_switch_shape`` / ``prompt_switch_colour`` (and ``_karras``) split the
+  reading: an object of B's shape, an object of B's colour — and ``text_influence`` — t → how
+  much the caption changes the predicted x₀,
   ‖x̂₀(c) − x̂₀(∅)‖ / ‖x̂₀(c)‖, with the cross-attention maps' normalised entropy beside it;
 * the comparison at equal training cost and equal sampling cost (one UNet per step):
   ``alignment``, ``fid`` for the experts, ``base_alignment``, ``base_fid`` for the baseline,
@@ -237,20 +239,27 @@ def prompt_switch_curve(pipeline: DiffusionPipeline, judge, pairs: list[tuple[st
                         fractions=SWITCH_FRACTIONS, steps: int | None = None, guidance: float | None = None,
                         spacing: str | None = None, seed: int = EVAL_SEED) -> dict:
     """f → fraction of images following B, and following A (eDiff-I Fig. 4); keys "0.0" … "1.0".
+    ``follow_b_shape`` / ``follow_b_colour``: the fraction with an object of B's shape / of B's
+    colour (the pairs differ in both), which shows which attribute the late steps can still change.
     ``spacing``: the sampler's timesteps (default the model's; "karras": EDM's σ spacing);
     ``seed``: the noise, the same for every f."""
     from minildm.data.captions import parse
     from minildm.metrics import clauses_hold
 
     prompts_a, prompts_b = [a for a, _ in pairs], [b for _, b in pairs]
+    objects_b = [parse(b).objects[0] for b in prompts_b]
     timesteps = schedule_timesteps(pipeline.schedule, steps or pipeline.cfg.sample_steps, spacing or pipeline.spacing)
-    follow_a, follow_b, switch_t = {}, {}, {}
+    follow_a, follow_b, shape_b, colour_b, switch_t = {}, {}, {}, {}, {}
     for f in fractions:
+        key = f"{f:.1f}"
         reads = judge.read(sample_switched(pipeline, prompts_a, prompts_b, f, steps, guidance, seed, spacing))
-        follow_a[f"{f:.1f}"] = float(np.mean([clauses_hold(parse(a), r) for a, r in zip(prompts_a, reads)]))
-        follow_b[f"{f:.1f}"] = float(np.mean([clauses_hold(parse(b), r) for b, r in zip(prompts_b, reads)]))
-        switch_t[f"{f:.1f}"] = switch_step(timesteps, f)
-    return {"follow_b": follow_b, "follow_a": follow_a, "switch_t": switch_t}
+        follow_a[key] = float(np.mean([clauses_hold(parse(a), r) for a, r in zip(prompts_a, reads)]))
+        follow_b[key] = float(np.mean([clauses_hold(parse(b), r) for b, r in zip(prompts_b, reads)]))
+        shape_b[key] = float(np.mean([any(o.shape == b.shape for o in r) for b, r in zip(objects_b, reads)]))
+        colour_b[key] = float(np.mean([any(o.colour == b.colour for o in r) for b, r in zip(objects_b, reads)]))
+        switch_t[key] = switch_step(timesteps, f)
+    return {"follow_b": follow_b, "follow_a": follow_a, "follow_b_shape": shape_b, "follow_b_colour": colour_b,
+            "switch_t": switch_t}
 
 
 @torch.no_grad()
@@ -331,7 +340,10 @@ def evaluate(model: Experts, n: int = 656, seed: int = EVAL_SEED, judge=None) ->
         "prompt_switch_follow_a": switch["follow_a"],
         **_early_and_late(switch["follow_b"]),
         "switch_t": switch["switch_t"],
+        "prompt_switch_shape": switch["follow_b_shape"], "prompt_switch_colour": switch["follow_b_colour"],
         "prompt_switch_karras": karras["follow_b"], "switch_t_karras": karras["switch_t"],
+        "prompt_switch_shape_karras": karras["follow_b_shape"],
+        "prompt_switch_colour_karras": karras["follow_b_colour"],
         **{f"{k}_karras": v for k, v in _early_and_late(karras["follow_b"]).items()},
         "text_influence": over_time["text_influence"],
         "attention_entropy": over_time["attention_entropy"],
