@@ -91,8 +91,8 @@ def image_condition(encoder, images: torch.Tensor) -> torch.Tensor:
     Toy-scale change: eDiff-I gives its denoisers the projected CLIP-L image embedding alone. That
     vector holds style because CLIP learnt from web captions that name styles and colours; the
     course's captions never name the background, so the tiny CLIP's projection keeps little of it
-    (:func:`minildm.stages.embeddings.background_probe`: a linear probe reads dark against light
-    backgrounds from it about 65% of the time, from the patch-token mean about 93%). The mean of
+    (:func:`minildm.stages.embeddings.background_probe` on the reference CLIP: a linear probe reads
+    dark against light backgrounds from it 68% of the time, from the patch-token mean 95%). The mean of
     the patch tokens is the same network's reading of the whole picture, before the projection
     throws away what no caption asked for.
     """
