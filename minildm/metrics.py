@@ -79,12 +79,13 @@ def alignment_report(correct: Iterable[bool], categories: Iterable[str]) -> dict
             "alignment_by_category": per}
 
 
-def bootstrap_alignment(correct_a: Sequence[bool], correct_b: Sequence[bool], categories: Sequence[str],
+def bootstrap_alignment(correct_a: Sequence[float], correct_b: Sequence[float], categories: Sequence[str],
                         rounds: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
     """Paired bootstrap over the evaluation prompts: two models judged on the same prompts with the
     same noise. Each round resamples the prompts of every category with replacement and recomputes
     both ``alignment``s (the mean over categories); returns the ``level`` intervals of ``a``, ``b``
-    and ``a − b`` as ``[low, high]``."""
+    and ``a − b`` as ``[low, high]``. Any per-item measurement works in place of 0/1 verdicts; with
+    a single category it is the plain paired bootstrap of two means."""
     a, b = np.asarray(correct_a, float), np.asarray(correct_b, float)
     groups = [np.flatnonzero(np.asarray(categories) == c) for c in sorted(set(categories))]
     rng = np.random.default_rng(seed)
@@ -98,18 +99,6 @@ def bootstrap_alignment(correct_a: Sequence[bool], correct_b: Sequence[bool], ca
         return [float(np.percentile(x, tail)), float(np.percentile(x, 100 - tail))]
 
     return {"a": interval(stats[:, 0]), "b": interval(stats[:, 1]), "difference": interval(stats[:, 0] - stats[:, 1])}
-
-
-def paired_bootstrap_difference(values_a: Sequence[float], values_b: Sequence[float], rounds: int = 2000,
-                                seed: int = 0, level: float = 0.95) -> list[float]:
-    """The ``level`` interval ``[low, high]`` of mean(a) − mean(b) for two measurements of the same
-    items (paired): each round resamples the items with replacement."""
-    a, b = np.asarray(values_a, float), np.asarray(values_b, float)
-    rng = np.random.default_rng(seed)
-    picks = rng.integers(0, len(a), size=(rounds, len(a)))
-    differences = a[picks].mean(axis=1) - b[picks].mean(axis=1)
-    tail = (1 - level) / 2 * 100
-    return [float(np.percentile(differences, tail)), float(np.percentile(differences, 100 - tail))]
 
 
 def retrieval_top1(similarity: torch.Tensor, texts: Sequence[str]) -> dict[str, float]:

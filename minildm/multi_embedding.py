@@ -92,9 +92,9 @@ def image_condition(encoder, images: torch.Tensor) -> torch.Tensor:
     vector holds style because CLIP learnt from web captions that name styles and colours; the
     course's captions never name the background, so the tiny CLIP's projection keeps little of it
     (:func:`minildm.stages.embeddings.background_probe` on the reference CLIP: a linear probe reads
-    dark against light backgrounds from it 68% of the time, from the patch-token mean 95%). The mean of
-    the patch tokens is the same network's reading of the whole picture, before the projection
-    throws away what no caption asked for.
+    dark against light backgrounds from its normalised projection 67% of the time, from the
+    patch-token mean 95%). The mean of the patch tokens is the same network's reading of the whole
+    picture, before the projection throws away what no caption asked for.
     """
     out = encoder.clip.vision_model(pixel_values=encoder.pixel_values(images))
     projected = encoder.clip.visual_projection(out.pooler_output).float()

@@ -3,7 +3,7 @@ import torch
 
 from minildm.data.captions import parse
 from minildm.judge import ReadObject
-from minildm.metrics import alignment_report, clauses_hold, frechet_distance, paired_bootstrap_difference, psnr
+from minildm.metrics import alignment_report, bootstrap_alignment, clauses_hold, frechet_distance, psnr
 
 
 def obj(shape, colour="red", size="small", cell=0):
@@ -58,12 +58,13 @@ def test_alignment_is_the_mean_over_categories():
     assert report["alignment"] == 0.625
 
 
-def test_paired_bootstrap_difference_follows_the_pairing():
+def test_the_paired_bootstrap_follows_the_pairing():
     rng = np.random.default_rng(0)
     b = rng.normal(0, 1, 200)
+    one_group = ["all"] * 200
     # a = b - 0.1 for every item: the paired difference is exactly -0.1 in every resample
-    low, high = paired_bootstrap_difference(b - 0.1, b)
+    low, high = bootstrap_alignment(b - 0.1, b, one_group)["difference"]
     assert abs(low + 0.1) < 1e-9 and abs(high + 0.1) < 1e-9
     # independent noise of the same spread: an interval around zero, about ±1.96·√(2/200)
-    low, high = paired_bootstrap_difference(rng.normal(0, 1, 200), b)
+    low, high = bootstrap_alignment(rng.normal(0, 1, 200), b, one_group)["difference"]
     assert low < 0 < high and 0.15 < high - low < 0.45

@@ -170,14 +170,12 @@ def background_probe(encoder, n: int = 2000, fit: int = 1500, seed: int = EVAL_S
     """
     from minildm.data.datasets import shapes_batch
     from minildm.metrics import linear_probe
-    from minildm.stages.clip import image_embeddings
 
     images, _ = shapes_batch(seed, range(n), ShapesConfig(image_size=encoder.image_size))
     brightness = background_brightness(images)
     darker_or_lighter = (brightness > brightness[:fit].median()).long()
-    condition = image_condition(encoder, images).detach()
-    projected = image_embeddings(encoder, images, normalise=False).detach()
-    features = {"embedding": projected, "patches": condition[:, projected.shape[1]:],
+    condition = image_condition(encoder, images).detach()  # [projected ‖ patch mean], each part normalised
+    features = {"embedding": condition[:, :encoder.pooled_dim], "patches": condition[:, encoder.pooled_dim:],
                 "condition": condition,
                 "pixels": torch.nn.functional.avg_pool2d(images.float(), images.shape[-1] // 4).flatten(1)}
     return {f"probe_background_{name}": linear_probe(x[:fit], darker_or_lighter[:fit], x[fit:], darker_or_lighter[fit:])
@@ -189,7 +187,7 @@ def evaluate(model: MultiEmbeddingUNet, pipeline: DiffusionPipeline, judge, n: i
     """The experiments of the module docstring, ``n`` images each."""
     from minildm.data.captions import category_caption, parse
     from minildm.data.datasets import shapes_batch
-    from minildm.metrics import clauses_hold, paired_bootstrap_difference
+    from minildm.metrics import bootstrap_alignment, clauses_hold
 
     def alignment(captions, images):
         return float(np.mean([clauses_hold(parse(c), r) for c, r in zip(captions, judge.read(images))]))
@@ -231,8 +229,8 @@ def evaluate(model: MultiEmbeddingUNet, pipeline: DiffusionPipeline, judge, n: i
         "background_distance_text": float(distance_text.mean()),
         "background_distance_reference": float(distance_reference.mean()),
         # paired over the references (same caption, same noise): reference minus caption alone
-        "background_distance_difference_ci": paired_bootstrap_difference(distance_reference.tolist(),
-                                                                         distance_text.tolist()),
+        "background_distance_difference_ci": bootstrap_alignment(distance_reference.tolist(), distance_text.tolist(),
+                                                                 ["all"] * n)["difference"],
         "alignment_style": alignment(new_captions, styled),
         "alignment_style_text": alignment(new_captions, plain),
     }

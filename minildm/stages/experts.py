@@ -247,14 +247,15 @@ def prompt_switch_curve(pipeline: DiffusionPipeline, judge, pairs: list[tuple[st
     from minildm.metrics import clauses_hold
 
     prompts_a, prompts_b = [a for a, _ in pairs], [b for _, b in pairs]
-    objects_b = [parse(b).objects[0] for b in prompts_b]
+    clauses_a, clauses_b = [parse(a) for a in prompts_a], [parse(b) for b in prompts_b]
+    objects_b = [c.objects[0] for c in clauses_b]
     timesteps = schedule_timesteps(pipeline.schedule, steps or pipeline.cfg.sample_steps, spacing or pipeline.spacing)
     follow_a, follow_b, shape_b, colour_b, switch_t = {}, {}, {}, {}, {}
     for f in fractions:
         key = f"{f:.1f}"
         reads = judge.read(sample_switched(pipeline, prompts_a, prompts_b, f, steps, guidance, seed, spacing))
-        follow_a[key] = float(np.mean([clauses_hold(parse(a), r) for a, r in zip(prompts_a, reads)]))
-        follow_b[key] = float(np.mean([clauses_hold(parse(b), r) for b, r in zip(prompts_b, reads)]))
+        follow_a[key] = float(np.mean([clauses_hold(a, r) for a, r in zip(clauses_a, reads)]))
+        follow_b[key] = float(np.mean([clauses_hold(b, r) for b, r in zip(clauses_b, reads)]))
         shape_b[key] = float(np.mean([any(o.shape == b.shape for o in r) for b, r in zip(objects_b, reads)]))
         colour_b[key] = float(np.mean([any(o.colour == b.colour for o in r) for b, r in zip(objects_b, reads)]))
         switch_t[key] = switch_step(timesteps, f)
