@@ -96,9 +96,8 @@ def image_condition(encoder, images: torch.Tensor) -> torch.Tensor:
     patch-token mean 95%). The mean of the patch tokens is the same network's reading of the whole
     picture, before the projection throws away what no caption asked for.
     """
-    out = encoder.clip.vision_model(pixel_values=encoder.pixel_values(images))
-    projected = encoder.clip.visual_projection(out.pooler_output).float()
-    patches = out.last_hidden_state[:, 1:].mean(dim=1).float()  # token 0 is the class token
+    projected, patches = encoder.encode_image_and_patches(images)
+    projected, patches = projected.float(), patches.mean(dim=1).float()
     return torch.cat([F.normalize(projected, dim=-1), F.normalize(patches, dim=-1)], dim=-1) / math.sqrt(2)
 
 

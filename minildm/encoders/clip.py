@@ -145,8 +145,13 @@ class TextImageEncoder(torch.nn.Module):
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """The projected image embedding (B, P) (not normalised)."""
+        return self.encode_image_and_patches(images)[0]
+
+    def encode_image_and_patches(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass of the vision tower: the projected image embedding (B, P) and the last layer's
+        patch tokens (B, N, W), the class token left out."""
         out = self.clip.vision_model(pixel_values=self.pixel_values(images))
-        return self.clip.visual_projection(out.pooler_output)
+        return self.clip.visual_projection(out.pooler_output), out.last_hidden_state[:, 1:]
 
     def similarity(self, captions: list[str], images: torch.Tensor) -> torch.Tensor:
         """Cosine similarities (captions × images) — CLIP's logits before the temperature."""
