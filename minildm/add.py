@@ -33,7 +33,7 @@ import torch
 
 from minildm.diffusion import NoiseSchedule, _gather
 
-WEIGHTINGS = ("exponential", "sds")
+WEIGHTINGS = ("exponential", "sds", "constant")
 
 
 def student_input(schedule: NoiseSchedule, x0: torch.Tensor, noise: torch.Tensor, s: torch.Tensor,
@@ -45,13 +45,16 @@ def student_input(schedule: NoiseSchedule, x0: torch.Tensor, noise: torch.Tensor
 
 
 def distillation_weight(schedule: NoiseSchedule, t: torch.Tensor, weighting: str, like: torch.Tensor) -> torch.Tensor:
-    """c(t) of Eq. 4, shaped to broadcast over ``like``: α_t ("exponential") or α_t/(2σ_t) ("sds")."""
+    """c(t) of Eq. 4, shaped to broadcast over ``like``: α_t ("exponential"), α_t/(2σ_t) ("sds"), or
+    1 ("constant", the public diffusers port's third option: every t counts alike)."""
     acp = _gather(schedule.alphas_cumprod, t, like)
     alpha, sigma = acp.sqrt(), (1 - acp).sqrt()
     if weighting == "exponential":
         return alpha
     if weighting == "sds":
         return alpha / (2 * sigma)
+    if weighting == "constant":
+        return torch.ones_like(alpha)
     raise ValueError(f"unknown distillation weighting {weighting!r}; choose one of {WEIGHTINGS}")
 
 

@@ -142,6 +142,10 @@ class AddConfig:
     cmap_dim: int = 64  # the projection's width [64]
     image_condition: bool = True  # condition D on the real image's CLIP embedding too [text + image]
     diff_augment: bool = True  # translation + cutout on D's inputs (StyleGAN-T's DiffAugment)
+    # beyond ADD: real images shown to D with another sample's caption count as fake (a
+    # "matching-aware" discriminator, Reed et al. 2016); 0 leaves the paper's D
+    mismatch_weight: float = 0.0
+    teacher_t_range: tuple[int, int] = (0, 999)  # the re-noising timesteps t of Eq. 4 [U{0…999}, Fig. 2]
 
 
 @dataclass(frozen=True)

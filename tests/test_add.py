@@ -41,6 +41,7 @@ def test_distillation_weightings_are_alpha_and_the_sds_one():
     assert torch.allclose(exp, acp.sqrt())
     assert torch.allclose(sds, acp.sqrt() / (2 * (1 - acp).sqrt()))
     assert exp[0] > exp[1] > exp[2], "higher noise counts less"
+    assert torch.equal(distillation_weight(schedule, t, "constant", like).flatten(), torch.ones(3))
     with pytest.raises(ValueError, match="weighting"):
         distillation_weight(schedule, t, "nfsd", like)
 

@@ -122,11 +122,36 @@ def test_the_ablation_switches_each_loss_off(make_task):
     assert set(stats) == {"g_adv"}
 
 
+def test_the_teacher_timesteps_stay_in_their_range(make_task, monkeypatch):
+    task = make_task(teacher_t_range=(500, 520), losses="distillation")
+    seen = []
+    add_noise = task.schedule.add_noise
+    monkeypatch.setattr(task.schedule, "add_noise", lambda x, n, t: seen.append(t) or add_noise(x, n, t))
+    task.loss(task.model, task.batch(0, 0, 1))
+    t = torch.cat(seen[1:])  # the first call makes the student's input
+    assert len(t) and int(t.min()) >= 500 and int(t.max()) <= 520
+
+
+def test_the_matching_aware_critic_shows_real_images_with_another_caption(make_task):
+    task = make_task(mismatch_weight=1.0)
+    batch = task.batch(0, 0, 1)
+    task.loss(task.model, batch)
+    condition = task.mismatched_condition(batch)
+    assert torch.equal(condition[:, :batch["c_text"].shape[1]], batch["c_text"].roll(1, 0).float())
+    assert not condition[:, batch["c_text"].shape[1]:].any(), "no image embedding to give the mismatch away"
+    _, stats = task.critic_loss(task.critic, batch)
+    assert "d_mismatch_positive" in stats
+    _, plain = make_task().critic_loss(task.critic, batch)
+    assert "d_mismatch_positive" not in plain
+
+
 @pytest.mark.parametrize("assignment, message", [
     ("add.losses=gan", "add.losses"),
     ("add.weighting=nfsd", "add.weighting"),
     ("add.student_timesteps=[1000]", "student_timesteps"),
     ("add.top_share=2", "top_share"),
+    ("add.teacher_t_range=[600,100]", "teacher_t_range"),
+    ("add.mismatch_weight=-1", "mismatch_weight"),
 ])
 def test_bad_settings_get_one_line(assignment, message, tmp_path, capsys):
     code = main(["train", "add", "--profile", "smoke", "--set", assignment, "--out", str(tmp_path / "run")])

@@ -71,6 +71,11 @@ def check_config(cfg: AddConfig) -> None:
         raise UserError(f"add.top_share={cfg.top_share}: give a share between 0 and 1")
     if cfg.distill_space not in SPACES:
         raise UserError(f"add.distill_space={cfg.distill_space!r}; choose one of: {', '.join(SPACES)}")
+    low_high = list(cfg.teacher_t_range)
+    if len(low_high) != 2 or not 0 <= low_high[0] <= low_high[1] <= 999:
+        raise UserError(f"add.teacher_t_range={low_high}: give [low, high] with 0 <= low <= high <= 999")
+    if cfg.mismatch_weight < 0:
+        raise UserError(f"add.mismatch_weight={cfg.mismatch_weight}: give a weight >= 0 (0: the paper's D)")
     steps = list(cfg.student_timesteps)
     if not steps or any(not isinstance(s, int) or not 0 < s < 1000 for s in steps) or len(set(steps)) != len(steps):
         raise UserError(f"add.student_timesteps={steps}: give distinct timesteps in 1…999, e.g. [999, 749, 499, 249]")
@@ -155,6 +160,13 @@ class AddTask:
         image = batch["c_image"] * batch["sees_image"][:, None] if self.cfg.image_condition else batch["c_image"] * 0
         return torch.cat([batch["c_text"], image], dim=1).float()
 
+    def mismatched_condition(self, batch: dict) -> torch.Tensor:
+        """Each real image's condition with the next sample's caption and no image embedding (which
+        would give the mismatch away without looking at the image): D must read the image to
+        tell that it does not show what the caption says."""
+        text = batch["c_text"].roll(1, dims=0)
+        return torch.cat([text, torch.zeros_like(batch["c_image"])], dim=1).float()
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.autoencoder.decode(latents)
 
@@ -193,7 +205,8 @@ class AddTask:
 
     def distillation(self, x0_hat: torch.Tensor, fake: torch.Tensor | None, cond: dict) -> torch.Tensor:
         """Eq. 4: re-noise sg(x̂_θ) at t ~ U{0…T−1}, the guided teacher's x₀ under stop-gradient."""
-        t = torch.randint(0, self.schedule.steps, (x0_hat.shape[0],), device=x0_hat.device)
+        low, high = self.cfg.teacher_t_range
+        t = torch.randint(low, high + 1, (x0_hat.shape[0],), device=x0_hat.device)
         with torch.no_grad():
             x_t = self.schedule.add_noise(x0_hat.detach(), torch.randn_like(x0_hat), t)
             null = {**cond, "keep": torch.zeros_like(cond["keep"])}
@@ -216,6 +229,11 @@ class AddTask:
         loss = hinge_discriminator_loss(real, fake)
         stats = {"d_loss": float(loss.detach()), "d_real_positive": float((real > 0).float().mean()),
                  "d_fake_positive": float((fake > 0).float().mean())}
+        if self.cfg.mismatch_weight > 0:
+            mismatched = critic.heads_forward(real_features, self.mismatched_condition(batch))
+            mismatch = torch.nn.functional.relu(1 + mismatched.float()).mean()
+            loss = loss + self.cfg.mismatch_weight * mismatch
+            stats["d_mismatch_positive"] = float((mismatched > 0).float().mean())
         if self.cfg.r1_gamma > 0:
             r1 = r1_penalty(critic, real_features, condition)
             loss = loss + self.cfg.r1_gamma * r1
@@ -431,19 +449,29 @@ def sampling_speed(model: Distilled, prompts: list[str], seed: int = EVAL_SEED, 
 # in words the course's vocabulary does not have)
 ABLATION_RUNS = {"both": {"losses": "both"}, "adversarial": {"losses": "adversarial"},
                  "distillation": {"losses": "distillation"}, "both+sds": {"losses": "both", "weighting": "sds"}}
+# the levers tried on the 1-step student beyond Table 1d: each changes one setting of "both"
+LEVER_RUNS = {"both": {}, "lambda=1": {"distill_weight": 1.0}, "lambda=10": {"distill_weight": 10.0},
+              "no-image-condition": {"image_condition": False}, "constant-weighting": {"weighting": "constant"},
+              "teacher-t-500-999": {"teacher_t_range": (500, 999)}, "teacher-t-0-499": {"teacher_t_range": (0, 499)},
+              "matching-aware-D": {"mismatch_weight": 1.0}, "latent-distillation": {"distill_space": "latent"}}
+LEVERS = Path(__file__).resolve().parents[2] / "data" / "measurements" / "add_levers.json"
 
 
 def ablation(profile: Profile, out: str | Path, *, base: str | None = None, steps: int | None = None,
-             eval_n: int | None = None, progress: bool = False, command: str | None = None) -> dict:
+             eval_n: int | None = None, progress: bool = False, command: str | None = None,
+             runs: dict[str, dict] | None = None) -> dict:
     """ADD's Table 1d at toy scale: the same run with the distillation loss only, the adversarial
     loss only, both, and both with the SDS weighting c(t) = α_t/(2σ_t) in place of α_t; each
-    measured by :func:`evaluate`. Writes ``out/ablation.json``."""
+    measured by :func:`evaluate`. Writes ``out/ablation.json``. ``runs`` (name → ``add`` settings)
+    replaces the four, e.g. :data:`LEVER_RUNS`."""
     out = Path(out)
+    runs = ABLATION_RUNS if runs is None else runs
     command = command or (f"minildm.stages.add.ablation(get_profile({profile.name!r}), {str(out)!r}, "
-                          f"steps={steps}, eval_n={eval_n})")
+                          f"steps={steps}, eval_n={eval_n}"
+                          f"{'' if runs is ABLATION_RUNS else ', runs=' + _runs_name(runs)})")
     results = {"profile": profile.name, "steps": steps or profile.add_train.steps, "eval_n": eval_n,
                "command": command, "runs": {}}
-    for name, settings in ABLATION_RUNS.items():
+    for name, settings in runs.items():
         run_profile = dataclasses.replace(profile, add=dataclasses.replace(profile.add, **settings))
         run_dir = out / name
         if (run_dir / CARD).exists():
@@ -453,16 +481,26 @@ def ablation(profile: Profile, out: str | Path, *, base: str | None = None, step
                          resume=(run_dir / "checkpoint").exists(),
                          command="ablation " + " ".join(f"add.{k}={v}" for k, v in settings.items()))
         metrics = card["metrics"]
-        results["runs"][name] = {"wall_time_s": card["wall_time_s"], **{
+        results["runs"][name] = {"settings": settings, "wall_time_s": card["wall_time_s"], **{
             k: metrics[k] for k in ("alignment_1step", "fid_1step", "alignment_4step", "fid_4step",
-                                    "teacher_alignment", "teacher_fid")}}
+                                    "teacher_alignment", "teacher_fid")},
+            "alignment_by_category_1step": metrics["alignment_by_category_1step"]}
     atomic_write_file(out / "ablation.json", lambda path: save_json(path, results))
     return results
+
+
+def _runs_name(runs: dict) -> str:
+    return "LEVER_RUNS" if runs is LEVER_RUNS else "custom"
 
 
 def reference_ablation() -> dict:
     """The ablation measured on the cpu profile (``data/measurements/add_ablation.json``)."""
     return json.loads(ABLATION.read_text())
+
+
+def reference_levers() -> dict:
+    """The lever runs (:data:`LEVER_RUNS`) measured on the cpu profile (``data/measurements/add_levers.json``)."""
+    return json.loads(LEVERS.read_text())
 
 
 # ------------------------------------------------------------------------------- for notebook 06
