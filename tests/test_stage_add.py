@@ -108,6 +108,15 @@ def test_student_timesteps_are_uniform_or_favour_the_top(make_task):
     assert abs(float(shares[0]) - 0.7) < 0.02 and torch.allclose(shares[1:], torch.full((3,), 0.1), atol=0.02)
 
 
+def test_the_discriminator_heads_start_from_the_seed_alone(make_task):
+    """Not from whatever drew random numbers before (another run in the same process, a notebook)."""
+    torch.manual_seed(1)
+    a = make_task().critic.state_dict()
+    torch.manual_seed(2)
+    b = make_task().critic.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_the_ablation_switches_each_loss_off(make_task):
     def task(losses):
         return make_task(losses=losses)

@@ -135,8 +135,10 @@ class AddTask:
         self.distill = cfg.losses in ("both", "distillation")
         self.critic = None
         if self.adversarial:
-            self.critic = ProjectedDiscriminator(encoder, c_dim=2 * encoder.pooled_dim, cmap_dim=cfg.cmap_dim,
-                                                 augment=cfg.diff_augment)
+            with torch.random.fork_rng(devices=[]):  # the heads' initial weights: a function of the seed alone
+                torch.manual_seed(seed)
+                self.critic = ProjectedDiscriminator(encoder, c_dim=2 * encoder.pooled_dim, cmap_dim=cfg.cmap_dim,
+                                                     augment=cfg.diff_augment)
             self.critic_lr, self.critic_betas = cfg.disc_lr, tuple(cfg.disc_betas)
 
     def batch(self, step: int, rank: int, world_size: int) -> dict:
