@@ -162,9 +162,14 @@ class ProjectedDiscriminator(nn.Module):
         return self.heads_forward(self.features(images), condition)
 
 
+def hinge_fake_loss(logits: torch.Tensor) -> torch.Tensor:
+    """E max(0, 1 + D(x)): the hinge for what D must call fake, a mean over every logit."""
+    return F.relu(1 + logits.float()).mean()
+
+
 def hinge_discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
     """ADD Eq. 3 without R1: E max(0, 1 − D(x₀)) + E max(0, 1 + D(x̂)), a mean over every logit."""
-    return F.relu(1 - real_logits.float()).mean() + F.relu(1 + fake_logits.float()).mean()
+    return F.relu(1 - real_logits.float()).mean() + hinge_fake_loss(fake_logits)
 
 
 def generator_adversarial_loss(fake_logits: torch.Tensor) -> torch.Tensor:

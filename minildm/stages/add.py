@@ -41,7 +41,7 @@ from minildm.checkpoints import (CARD, atomic_write_file, load_checkpoint, load_
 from minildm.config import EVAL_SEED, AddConfig, DiffusionConfig, Profile, ShapesConfig, config_from_dict
 from minildm.data.datasets import shapes_batch
 from minildm.discriminator import (ProjectedDiscriminator, generator_adversarial_loss, hinge_discriminator_loss,
-                                   r1_penalty)
+                                   hinge_fake_loss, r1_penalty)
 from minildm.diffusion import NoiseSchedule
 from minildm.errors import UserError
 from minildm.pipeline import DiffusionPipeline
@@ -50,7 +50,8 @@ from minildm.stages import ldm
 from minildm.unet import TextConditionedUNet, UNet
 
 REFERENCE = Path(__file__).resolve().parents[2] / "data" / "checkpoints" / "add"
-ABLATION = Path(__file__).resolve().parents[2] / "data" / "measurements" / "add_ablation.json"
+MEASUREMENTS = Path(__file__).resolve().parents[2] / "data" / "measurements"
+ABLATION, LEVERS = MEASUREMENTS / "add_ablation.json", MEASUREMENTS / "add_levers.json"
 STAGE = "add"
 LOSSES = ("both", "adversarial", "distillation")
 SPACES = ("pixel", "latent")
@@ -206,7 +207,8 @@ class AddTask:
         return torch.where(torch.rand(b, device=device) < self.cfg.top_share, torch.zeros_like(lower), lower)
 
     def distillation(self, x0_hat: torch.Tensor, fake: torch.Tensor | None, cond: dict) -> torch.Tensor:
-        """Eq. 4: re-noise sg(x̂_θ) at t ~ U{0…T−1}, the guided teacher's x₀ under stop-gradient."""
+        """Eq. 4: re-noise sg(x̂_θ) at t ~ U{low…high} (``teacher_t_range``; the paper: all of
+        0…T−1), the guided teacher's x₀ under stop-gradient."""
         low, high = self.cfg.teacher_t_range
         t = torch.randint(low, high + 1, (x0_hat.shape[0],), device=x0_hat.device)
         with torch.no_grad():
@@ -233,8 +235,7 @@ class AddTask:
                  "d_fake_positive": float((fake > 0).float().mean())}
         if self.cfg.mismatch_weight > 0:
             mismatched = critic.heads_forward(real_features, self.mismatched_condition(batch))
-            mismatch = torch.nn.functional.relu(1 + mismatched.float()).mean()
-            loss = loss + self.cfg.mismatch_weight * mismatch
+            loss = loss + self.cfg.mismatch_weight * hinge_fake_loss(mismatched)
             stats["d_mismatch_positive"] = float((mismatched > 0).float().mean())
         if self.cfg.r1_gamma > 0:
             r1 = r1_penalty(critic, real_features, condition)
@@ -456,7 +457,6 @@ LEVER_RUNS = {"both": {}, "lambda=1": {"distill_weight": 1.0}, "lambda=10": {"di
               "no-image-condition": {"image_condition": False}, "constant-weighting": {"weighting": "constant"},
               "teacher-t-500-999": {"teacher_t_range": (500, 999)}, "teacher-t-0-499": {"teacher_t_range": (0, 499)},
               "matching-aware-D": {"mismatch_weight": 1.0}, "latent-distillation": {"distill_space": "latent"}}
-LEVERS = Path(__file__).resolve().parents[2] / "data" / "measurements" / "add_levers.json"
 
 
 def ablation(profile: Profile, out: str | Path, *, base: str | None = None, steps: int | None = None,
@@ -468,9 +468,9 @@ def ablation(profile: Profile, out: str | Path, *, base: str | None = None, step
     replaces the four, e.g. :data:`LEVER_RUNS`."""
     out = Path(out)
     runs = ABLATION_RUNS if runs is None else runs
+    runs_arg = "" if runs is ABLATION_RUNS else ", runs=LEVER_RUNS" if runs is LEVER_RUNS else f", runs={runs!r}"
     command = command or (f"minildm.stages.add.ablation(get_profile({profile.name!r}), {str(out)!r}, "
-                          f"steps={steps}, eval_n={eval_n}"
-                          f"{'' if runs is ABLATION_RUNS else ', runs=' + _runs_name(runs)})")
+                          f"steps={steps}, eval_n={eval_n}{runs_arg})")
     results = {"profile": profile.name, "steps": steps or profile.add_train.steps, "eval_n": eval_n,
                "command": command, "runs": {}}
     for name, settings in runs.items():
@@ -489,10 +489,6 @@ def ablation(profile: Profile, out: str | Path, *, base: str | None = None, step
             "alignment_by_category_1step": metrics["alignment_by_category_1step"]}
     atomic_write_file(out / "ablation.json", lambda path: save_json(path, results))
     return results
-
-
-def _runs_name(runs: dict) -> str:
-    return "LEVER_RUNS" if runs is LEVER_RUNS else "custom"
 
 
 def reference_ablation() -> dict:
