@@ -146,6 +146,10 @@ class AddConfig:
     # "matching-aware" discriminator, Reed et al. 2016); 0 leaves the paper's D
     mismatch_weight: float = 0.0
     teacher_t_range: tuple[int, int] = (0, 999)  # the re-noising timesteps t of Eq. 4 [U{0…999}, Fig. 2]
+    # beyond ADD: "teacher" is LADD's discriminator (minildm.latent_discriminator), heads on the
+    # frozen teacher's encoder features of latents re-noised at t̂ ~ U{disc_t_range}; "vit" is ADD's
+    discriminator: str = "vit"
+    disc_t_range: tuple[int, int] = (0, 750)  # LADD's t̂ (the AMD re-implementation's range)
 
 
 @dataclass(frozen=True)

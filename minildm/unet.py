@@ -72,6 +72,7 @@ class UNet(nn.Module):
         self.conv_in = nn.Conv2d(cfg.in_channels + cfg.concat_channels, base, 3, padding=1)
         self.down = nn.ModuleList()
         skips, channels = [base], base
+        self.level_ends = []  # which skip is each level's last feature map (before its downsampling)
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
                 block = nn.ModuleList([TimestepResBlock(channels, base * mult, emb_dim, cfg.dropout)])
@@ -80,6 +81,7 @@ class UNet(nn.Module):
                     block.append(transformer(channels))
                 self.down.append(block)
                 skips.append(channels)
+            self.level_ends.append(len(skips) - 1)
             if level < len(cfg.channel_mult) - 1:
                 self.down.append(nn.ModuleList([Downsample(channels)]))
                 skips.append(channels)
@@ -112,7 +114,8 @@ class UNet(nn.Module):
                 h = layer(h)
         return h
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
+    def _encode(self, x: torch.Tensor, t: torch.Tensor, cond: dict | None):
+        """The encoder half and the middle: (h, skips, (emb, context, mask))."""
         cond = cond or {}
         emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(x.dtype))
         if self.pooled_embed is not None and cond.get("pooled") is not None:
@@ -126,9 +129,24 @@ class UNet(nn.Module):
             h = self._run(block, h, emb, context, mask)
             skips.append(h)
         h = self._run(self.middle, h, emb, context, mask)
+        return h, skips, (emb, context, mask)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
+        h, skips, (emb, context, mask) = self._encode(x, t, cond)
         for block in self.up:
             h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb, context, mask)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+    def encoder_features(self, x: torch.Tensor, t: torch.Tensor, cond: dict | None = None) -> list[torch.Tensor]:
+        """The encoder's feature maps at x_t: each level's last one and the middle's, finest first
+        (what a LADD discriminator reads, :mod:`minildm.latent_discriminator`). The decoder never runs."""
+        h, skips, _ = self._encode(x, t, cond)
+        return [skips[i] for i in self.level_ends] + [h]
+
+    def encoder_channels(self) -> list[int]:
+        """The channels of :meth:`encoder_features`' maps."""
+        levels = [self.cfg.model_channels * mult for mult in self.cfg.channel_mult]
+        return levels + levels[-1:]
 
 
 class TextConditionedUNet(nn.Module):

@@ -154,6 +154,33 @@ def test_the_matching_aware_critic_shows_real_images_with_another_caption(make_t
     assert "d_mismatch_positive" not in plain
 
 
+def test_the_ladd_critic_reads_latents_through_the_frozen_teacher(make_task):
+    """LADD's discriminator: the student's latents (never decoded) re-noised in ``disc_t_range``,
+    the teacher's encoder maps, a head each; the teacher stays out of D's parameters and frozen,
+    and the generator's gradient reaches the student through it."""
+    task = make_task(discriminator="teacher", disc_t_range=(300, 310), distill_space="latent")
+    decoded = []
+    task.decode = lambda z: decoded.append(z) or z
+    seen = []
+    add_noise = task.schedule.add_noise
+    task.critic.schedule.add_noise = lambda x, n, t: seen.append(t) or add_noise(x, n, t)
+    batch = task.batch(0, 0, 1)
+    loss, stats = task.loss(task.model, batch)
+    assert not decoded, "neither D nor the latent distillation decodes"
+    assert batch["fake"].shape == batch["x0"].shape, "D's fakes are latents"
+    in_range = lambda ts: ts and all(int(t.min()) >= 300 and int(t.max()) <= 310 for t in ts)
+    assert in_range(seen[2:]), "after the student's input and the distillation's re-noising: D's t̂"
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in task.model.unet.parameters())
+    assert all(p.grad is None for p in task.teacher.parameters()), "the teacher is frozen"
+    assert set(task.critic.state_dict()) == {k for k in task.critic.state_dict() if k.startswith("heads.")}
+    assert len(task.critic.heads) == len(task.teacher.unet.cfg.channel_mult) + 1, "a head per level and the middle"
+    del seen[:]
+    _, critic_stats = task.critic_loss(task.critic, batch)
+    assert {"d_loss", "r1", "d_real_positive"} <= set(critic_stats)
+    assert len(seen) == 2 and in_range(seen), "real and generated latents, both re-noised at t̂"
+
+
 @pytest.mark.parametrize("assignment, message", [
     ("add.losses=gan", "add.losses"),
     ("add.weighting=nfsd", "add.weighting"),
@@ -161,6 +188,8 @@ def test_the_matching_aware_critic_shows_real_images_with_another_caption(make_t
     ("add.top_share=2", "top_share"),
     ("add.teacher_t_range=[600,100]", "teacher_t_range"),
     ("add.mismatch_weight=-1", "mismatch_weight"),
+    ("add.discriminator=dino", "add.discriminator"),
+    ("add.disc_t_range=[0,1000]", "disc_t_range"),
 ])
 def test_bad_settings_get_one_line(assignment, message, tmp_path, capsys):
     code = main(["train", "add", "--profile", "smoke", "--set", assignment, "--out", str(tmp_path / "run")])

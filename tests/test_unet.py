@@ -94,3 +94,25 @@ def test_install_hook_names_every_attention_layer():
     assert store.maps["middle.1.blocks.0.attn2"][0].shape == (1, 2, 16, 3)  # 4×4 pixels at the middle
     install_hook(unet, None)
     assert all(m.hook is None for m in unet.modules() if isinstance(m, Attention))
+
+
+def test_encoder_features_are_each_levels_last_map_and_the_middle():
+    cfg = UNetConfig(model_channels=16, channel_mult=(1, 2, 2), num_res_blocks=2, attention_levels=(1,), heads=2,
+                     context_dim=8)
+    unet = UNet(cfg)
+    for module in unet.modules():  # wake the zero-initialised layers, as training would
+        if hasattr(module, "conv2"):
+            torch.nn.init.normal_(module.conv2.weight, std=0.1)
+        if isinstance(module, SpatialTransformer):
+            torch.nn.init.normal_(module.proj_out.weight, std=0.1)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([0, 999])
+    cond = {"context": torch.randn(2, 3, 8), "mask": torch.ones(2, 3)}
+    maps = unet.encoder_features(x, t, cond)
+    assert [tuple(m.shape[1:]) for m in maps] == [(16, 8, 8), (32, 4, 4), (32, 2, 2), (32, 2, 2)]
+    assert [m.shape[1] for m in maps] == unet.encoder_channels()
+    torch.nn.init.normal_(unet.up[0][0].conv1.weight)  # the decoder half does not take part
+    assert all(torch.equal(a, b) for a, b in zip(maps, unet.encoder_features(x, t, cond)))
+    later = unet.encoder_features(x, torch.tensor([500, 500]), cond)
+    assert not torch.allclose(later[0], maps[0]), "the maps are read at a timestep"
+    other = unet.encoder_features(x, t, {**cond, "context": torch.randn(2, 3, 8)})
+    assert not torch.allclose(other[1], maps[1]), "and under the caption (cross-attention at level 1)"

@@ -20,6 +20,10 @@ Toy-scale changes, each named where it is made: the discriminator's ViT is the t
 (DINOv2 cannot be downloaded); the student timesteps' top input is pure noise instead of a
 zero-terminal-SNR schedule (the teacher was trained without one); 32 px images, a few hundred
 steps.
+
+Beyond ADD, ``add.discriminator=teacher`` swaps the ViT discriminator for its successor LADD's
+(:mod:`minildm.latent_discriminator`): heads on the frozen teacher's own encoder features of
+re-noised latents, so nothing is decoded for it.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from minildm.discriminator import (ProjectedDiscriminator, generator_adversarial
                                    hinge_fake_loss, r1_penalty)
 from minildm.diffusion import NoiseSchedule
 from minildm.errors import UserError
+from minildm.latent_discriminator import LatentDiscriminator
 from minildm.pipeline import DiffusionPipeline
 from minildm.samplers import ClassifierFreeGuidance
 from minildm.stages import ldm
@@ -55,6 +60,7 @@ ABLATION, LEVERS = MEASUREMENTS / "add_ablation.json", MEASUREMENTS / "add_lever
 STAGE = "add"
 LOSSES = ("both", "adversarial", "distillation")
 SPACES = ("pixel", "latent")
+DISCRIMINATORS = ("vit", "teacher")
 TARGETS = {"alignment_ratio_1step": (">=", 0.9), "fid_ratio_1step": ("<=", 1.5), "speedup_1step": (">=", 25.0),
            "alignment_4step_minus_1step": (">=", 0.0),  # iterative refinement helps
            # "far ahead of the teacher's own 1- and 4-step DDIM": ten points of alignment
@@ -72,9 +78,12 @@ def check_config(cfg: AddConfig) -> None:
         raise UserError(f"add.top_share={cfg.top_share}: give a share between 0 and 1")
     if cfg.distill_space not in SPACES:
         raise UserError(f"add.distill_space={cfg.distill_space!r}; choose one of: {', '.join(SPACES)}")
-    low_high = list(cfg.teacher_t_range)
-    if len(low_high) != 2 or not 0 <= low_high[0] <= low_high[1] <= 999:
-        raise UserError(f"add.teacher_t_range={low_high}: give [low, high] with 0 <= low <= high <= 999")
+    if cfg.discriminator not in DISCRIMINATORS:
+        raise UserError(f"add.discriminator={cfg.discriminator!r}; choose one of: {', '.join(DISCRIMINATORS)}")
+    for name in ("teacher_t_range", "disc_t_range"):
+        low_high = list(getattr(cfg, name))
+        if len(low_high) != 2 or not 0 <= low_high[0] <= low_high[1] <= 999:
+            raise UserError(f"add.{name}={low_high}: give [low, high] with 0 <= low <= high <= 999")
     if cfg.mismatch_weight < 0:
         raise UserError(f"add.mismatch_weight={cfg.mismatch_weight}: give a weight >= 0 (0: the paper's D)")
     steps = list(cfg.student_timesteps)
@@ -138,8 +147,12 @@ class AddTask:
         if self.adversarial:
             with torch.random.fork_rng(devices=[]):  # the heads' initial weights: a function of the seed alone
                 torch.manual_seed(seed)
-                self.critic = ProjectedDiscriminator(encoder, c_dim=2 * encoder.pooled_dim, cmap_dim=cfg.cmap_dim,
-                                                     augment=cfg.diff_augment)
+                if cfg.discriminator == "teacher":
+                    self.critic = LatentDiscriminator(self.teacher, self.schedule, c_dim=2 * encoder.pooled_dim,
+                                                      cmap_dim=cfg.cmap_dim, t_range=cfg.disc_t_range)
+                else:
+                    self.critic = ProjectedDiscriminator(encoder, c_dim=2 * encoder.pooled_dim,
+                                                         cmap_dim=cfg.cmap_dim, augment=cfg.diff_augment)
             self.critic_lr, self.critic_betas = cfg.disc_lr, tuple(cfg.disc_betas)
 
     def batch(self, step: int, rank: int, world_size: int) -> dict:
@@ -183,17 +196,29 @@ class AddTask:
         x0_hat = self.schedule.predicted_x0(self.diffusion.prediction, model(x_s, s, cond).float(), x_s, s)
         batch["sees_image"] = (s != timesteps[0]).float()
         stats, loss = {}, torch.zeros((), device=z0.device)
-        fake = self.decode(x0_hat).float() if (self.adversarial or self.cfg.distill_space == "pixel") else None
+        reads_pixels = self.adversarial and self.cfg.discriminator == "vit"
+        fake = self.decode(x0_hat).float() if (reads_pixels or self.cfg.distill_space == "pixel") else None
         if self.distill:
             distill = self.distillation(x0_hat, fake, cond)
             loss = loss + self.cfg.distill_weight * distill
             stats["distill"] = float(distill.detach())
         if self.adversarial:
-            g_adv = generator_adversarial_loss(self.critic(fake, self.condition(batch)))
+            generated = fake if reads_pixels else x0_hat
+            g_adv = generator_adversarial_loss(self.read(self.critic, generated, batch, self.condition(batch)))
             loss = loss + g_adv
             stats["g_adv"] = float(g_adv.detach())
-            batch["fake"] = fake.detach()  # what the critic's step compares with the real images
+            batch["fake"] = generated.detach()  # what the critic's step compares with the real images
         return loss, stats
+
+    def read(self, critic, samples: torch.Tensor, batch: dict, condition: torch.Tensor) -> torch.Tensor:
+        """The critic's logits for images (ADD's ViT discriminator) or latents (LADD's, which also
+        gives the teacher the caption)."""
+        return critic.heads_forward(self.critic_features(critic, samples, batch), condition)
+
+    def critic_features(self, critic, samples: torch.Tensor, batch: dict) -> list[torch.Tensor]:
+        if self.cfg.discriminator == "teacher":
+            return critic.features(samples, {"input_ids": batch["input_ids"], "mask": batch["mask"]})
+        return critic.features(samples)
 
     def student_timestep_indices(self, b: int, device) -> torch.Tensor:
         """Which student timestep each sample gets: uniform over the four (the paper), or the top
@@ -227,9 +252,10 @@ class AddTask:
 
     def critic_loss(self, critic, batch):
         condition = self.condition(batch)
-        real_features = critic.features(batch["images"])
+        real_features = self.critic_features(critic, batch["images" if self.cfg.discriminator == "vit" else "x0"],
+                                             batch)
         real = critic.heads_forward(real_features, condition)
-        fake = critic(batch["fake"], condition)
+        fake = self.read(critic, batch["fake"], batch, condition)
         loss = hinge_discriminator_loss(real, fake)
         stats = {"d_loss": float(loss.detach()), "d_real_positive": float((real > 0).float().mean()),
                  "d_fake_positive": float((fake > 0).float().mean())}
