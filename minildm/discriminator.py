@@ -30,27 +30,38 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 
-class FeatureNetwork(nn.Module):
+class FrozenNetwork(nn.Module):
+    """Reads with a frozen network held outside its module tree, so that a discriminator's
+    parameters (what its optimiser steps, what its checkpoint holds) are its heads' alone; ``.to``
+    moves the frozen network too. Gradients flow through it to its input, never into its weights."""
+
+    def __init__(self, network: nn.Module):
+        super().__init__()
+        self._frozen = [network.requires_grad_(False).eval()]
+
+    @property
+    def network(self) -> nn.Module:
+        return self._frozen[0]
+
+    def _apply(self, fn, recurse: bool = True):
+        self._frozen[0] = self._frozen[0]._apply(fn)
+        return super()._apply(fn, recurse)
+
+
+class FeatureNetwork(FrozenNetwork):
     """The frozen vision tower F of a :class:`minildm.encoders.TextImageEncoder`: for images in
     [-1, 1], the token features of the patch embedding and of every block, each (B, C, N), with the
     class token added to every patch token (StyleGAN-T's ``AddReadout``). Gradients flow through it
     to the image (the student's samples), never into its weights."""
 
     def __init__(self, encoder):
-        super().__init__()
-        # held outside the module tree: the discriminator's parameters (what its optimiser steps,
-        # what its checkpoint holds) are the heads' alone
-        self._encoder = [encoder.requires_grad_(False).eval()]
+        super().__init__(encoder)
         config = encoder.clip.config.vision_config
         self.width, self.layers = config.hidden_size, config.num_hidden_layers + 1
 
     @property
     def encoder(self):
-        return self._encoder[0]
-
-    def _apply(self, fn, recurse: bool = True):  # .to(device) moves the frozen ViT too
-        self._encoder[0] = self._encoder[0]._apply(fn)
-        return super()._apply(fn, recurse)
+        return self.network
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         out = self.encoder.clip.vision_model(pixel_values=self.encoder.pixel_values(images),

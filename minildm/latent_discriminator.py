@@ -31,25 +31,20 @@ import torch
 from torch import nn
 
 from minildm.diffusion import NoiseSchedule
-from minildm.discriminator import DiscriminatorHead
+from minildm.discriminator import DiscriminatorHead, FrozenNetwork
 
 
-class TeacherFeatureNetwork(nn.Module):
+class TeacherFeatureNetwork(FrozenNetwork):
     """The frozen teacher (a :class:`minildm.unet.TextConditionedUNet`) read at x_t̂: its encoder's
     feature maps as (B, C, H·W) tokens. Gradients flow through it to the latents, never into it."""
 
     def __init__(self, teacher):
-        super().__init__()
-        self._teacher = [teacher.requires_grad_(False).eval()]  # outside the module tree: D's parameters are its heads
+        super().__init__(teacher)
         self.channels = teacher.unet.encoder_channels()
 
     @property
     def teacher(self):
-        return self._teacher[0]
-
-    def _apply(self, fn, recurse: bool = True):  # .to(device) moves the frozen teacher too
-        self._teacher[0] = self._teacher[0]._apply(fn)
-        return super()._apply(fn, recurse)
+        return self.network
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict) -> list[torch.Tensor]:
         with torch.no_grad():

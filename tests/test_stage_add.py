@@ -181,6 +181,20 @@ def test_the_ladd_critic_reads_latents_through_the_frozen_teacher(make_task):
     assert len(seen) == 2 and in_range(seen), "real and generated latents, both re-noised at t̂"
 
 
+def test_the_seed_spread_retrains_both_at_each_seed(monkeypatch, tmp_path):
+    calls = []
+
+    def ablation(profile, out, **kwargs):
+        calls.append((profile.add_train.seed, str(out), kwargs["runs"]))
+        return {"runs": {"both": {"alignment_1step": profile.add_train.seed / 10}}}
+
+    monkeypatch.setattr(add_stage, "ablation", ablation)
+    spread = add_stage.seed_spread(get_profile("smoke"), tmp_path, seeds=(3, 4), steps=2, eval_n=4)
+    assert spread == {"seed=3": {"alignment_1step": 0.3}, "seed=4": {"alignment_1step": 0.4}}
+    assert [c[0] for c in calls] == [3, 4] and len({c[1] for c in calls}) == 2, "a run folder per seed"
+    assert all(c[2] == {"both": {}} for c in calls)
+
+
 @pytest.mark.parametrize("assignment, message", [
     ("add.losses=gan", "add.losses"),
     ("add.weighting=nfsd", "add.weighting"),

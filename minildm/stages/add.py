@@ -482,7 +482,8 @@ ABLATION_RUNS = {"both": {"losses": "both"}, "adversarial": {"losses": "adversar
 LEVER_RUNS = {"both": {}, "lambda=1": {"distill_weight": 1.0}, "lambda=10": {"distill_weight": 10.0},
               "no-image-condition": {"image_condition": False}, "constant-weighting": {"weighting": "constant"},
               "teacher-t-500-999": {"teacher_t_range": (500, 999)}, "teacher-t-0-499": {"teacher_t_range": (0, 499)},
-              "matching-aware-D": {"mismatch_weight": 1.0}, "latent-distillation": {"distill_space": "latent"}}
+              "matching-aware-D": {"mismatch_weight": 1.0}, "latent-distillation": {"distill_space": "latent"},
+              "teacher-D": {"discriminator": "teacher"}}  # LADD's discriminator (minildm.latent_discriminator)
 
 
 def ablation(profile: Profile, out: str | Path, *, base: str | None = None, steps: int | None = None,
@@ -515,6 +516,20 @@ def ablation(profile: Profile, out: str | Path, *, base: str | None = None, step
             "alignment_by_category_1step": metrics["alignment_by_category_1step"]}
     atomic_write_file(out / "ablation.json", lambda path: save_json(path, results))
     return results
+
+
+def seed_spread(profile: Profile, out: str | Path, *, seeds: tuple[int, ...] = (1, 2), base: str | None = None,
+                steps: int | None = None, eval_n: int | None = None) -> dict:
+    """The yardstick for the levers: the "both" run again at other training seeds, each measured as
+    :func:`ablation` measures. The seed draws the training images, the batches, the student's noise
+    and timesteps and the discriminator's initial heads; a lever whose difference from "both" is
+    inside this spread is indistinguishable from another draw. {"seed=S": the run's figures}."""
+    spread = {}
+    for seed in seeds:
+        seeded = dataclasses.replace(profile, add_train=dataclasses.replace(profile.add_train, seed=seed))
+        runs = ablation(seeded, Path(out) / f"seed{seed}", base=base, steps=steps, eval_n=eval_n, runs={"both": {}})
+        spread[f"seed={seed}"] = runs["runs"]["both"]
+    return spread
 
 
 def reference_ablation() -> dict:
