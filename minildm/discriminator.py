@@ -147,12 +147,30 @@ def diff_augment(images: torch.Tensor, translation: float = 0.125, cutout: float
     return shifted * (~hole)[:, None].to(images.dtype)
 
 
-class ProjectedDiscriminator(nn.Module):
-    """The frozen feature network and one trainable head per feature layer.
+class HeadedDiscriminator(nn.Module):
+    """A frozen feature network read by one trainable head per feature layer (``heads``).
 
-    ``forward(images, condition)`` → (B, heads·N) logits, every head's tokens side by side.
+    ``forward(samples, condition, cond)`` → (B, heads·N) logits, every head's tokens side by side.
     ``features``/``heads_forward`` split that in two, so that R1 can differentiate with respect
-    to the heads' inputs."""
+    to the heads' inputs. ``reads_latents`` says what the samples are: decoded images (ADD's ViT)
+    or latents (LADD's teacher, :mod:`minildm.latent_discriminator`, which also needs the
+    caption's tokens ``cond`` for the teacher's cross-attention)."""
+
+    reads_latents = False
+    heads: nn.ModuleList
+
+    def features(self, samples: torch.Tensor, cond: dict | None = None) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def heads_forward(self, features: list[torch.Tensor], condition: torch.Tensor) -> torch.Tensor:
+        return torch.cat([head(f, condition) for head, f in zip(self.heads, features)], dim=1)
+
+    def forward(self, samples: torch.Tensor, condition: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
+        return self.heads_forward(self.features(samples, cond), condition)
+
+
+class ProjectedDiscriminator(HeadedDiscriminator):
+    """ADD's discriminator: the frozen ViT on images (DiffAugment first), a head per layer."""
 
     def __init__(self, encoder, c_dim: int, cmap_dim: int = 64, augment: bool = True):
         super().__init__()
@@ -161,16 +179,11 @@ class ProjectedDiscriminator(nn.Module):
                                    for _ in range(self.features_net.layers))
         self.augment = augment
 
-    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+    def features(self, images: torch.Tensor, cond: dict | None = None) -> list[torch.Tensor]:
+        """The ViT's token features of ``images``; ``cond`` is not needed (the ViT reads no caption)."""
         if self.augment:
             images = diff_augment(images)
         return self.features_net(images)
-
-    def heads_forward(self, features: list[torch.Tensor], condition: torch.Tensor) -> torch.Tensor:
-        return torch.cat([head(f, condition) for head, f in zip(self.heads, features)], dim=1)
-
-    def forward(self, images: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        return self.heads_forward(self.features(images), condition)
 
 
 def hinge_fake_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -188,7 +201,7 @@ def generator_adversarial_loss(fake_logits: torch.Tensor) -> torch.Tensor:
     return -fake_logits.float().mean()
 
 
-def r1_penalty(discriminator: ProjectedDiscriminator, real_features: list[torch.Tensor],
+def r1_penalty(discriminator: HeadedDiscriminator, real_features: list[torch.Tensor],
                condition: torch.Tensor) -> torch.Tensor:
     """R1 on the heads' inputs (ADD Sec. 3.2): Σ_k E‖∂ΣD_k(f_k)/∂f_k‖² with f_k = F_k(x₀) detached.
 

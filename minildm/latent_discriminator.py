@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from minildm.diffusion import NoiseSchedule
-from minildm.discriminator import DiscriminatorHead, FrozenNetwork
+from minildm.discriminator import DiscriminatorHead, FrozenNetwork, HeadedDiscriminator
 
 
 class TeacherFeatureNetwork(FrozenNetwork):
@@ -40,7 +40,7 @@ class TeacherFeatureNetwork(FrozenNetwork):
 
     def __init__(self, teacher):
         super().__init__(teacher)
-        self.channels = teacher.unet.encoder_channels()
+        self.channels = teacher.unet.encoder_channels
 
     @property
     def teacher(self):
@@ -53,12 +53,12 @@ class TeacherFeatureNetwork(FrozenNetwork):
         return [m.flatten(2) for m in maps]
 
 
-class LatentDiscriminator(nn.Module):
+class LatentDiscriminator(HeadedDiscriminator):
     """LADD's discriminator: re-noise at t̂ ~ U{t_range}, the teacher's encoder maps, one head each.
+    It reads latents, and the caption's tokens (``cond``: ``input_ids`` and ``mask``, as a training
+    batch holds them) for the teacher's cross-attention."""
 
-    The same interface as :class:`minildm.discriminator.ProjectedDiscriminator` — ``features`` and
-    ``heads_forward`` apart, so that R1 differentiates with respect to the heads' inputs — but it
-    reads latents, and needs the caption's tokens (``cond``) for the teacher's cross-attention."""
+    reads_latents = True
 
     def __init__(self, teacher, schedule: NoiseSchedule, c_dim: int, cmap_dim: int = 64,
                  t_range: tuple[int, int] = (0, 750)):
@@ -68,14 +68,8 @@ class LatentDiscriminator(nn.Module):
                                    for channels in self.features_net.channels)
         self.schedule, self.t_range = schedule, tuple(t_range)
 
-    def features(self, latents: torch.Tensor, cond: dict) -> list[torch.Tensor]:
+    def features(self, latents: torch.Tensor, cond: dict | None = None) -> list[torch.Tensor]:
         low, high = self.t_range
         t = torch.randint(low, high + 1, (latents.shape[0],), device=latents.device)
         x_t = self.schedule.add_noise(latents, torch.randn_like(latents), t)
         return self.features_net(x_t, t, cond)
-
-    def heads_forward(self, features: list[torch.Tensor], condition: torch.Tensor) -> torch.Tensor:
-        return torch.cat([head(f, condition) for head, f in zip(self.heads, features)], dim=1)
-
-    def forward(self, latents: torch.Tensor, cond: dict, condition: torch.Tensor) -> torch.Tensor:
-        return self.heads_forward(self.features(latents, cond), condition)

@@ -85,6 +85,7 @@ class UNet(nn.Module):
             if level < len(cfg.channel_mult) - 1:
                 self.down.append(nn.ModuleList([Downsample(channels)]))
                 skips.append(channels)
+        self.encoder_channels = [skips[i] for i in self.level_ends] + [channels]  # of encoder_features' maps
         self.middle = nn.ModuleList([TimestepResBlock(channels, channels, emb_dim, cfg.dropout), transformer(channels),
                                      TimestepResBlock(channels, channels, emb_dim, cfg.dropout)])
         self.up = nn.ModuleList()
@@ -142,11 +143,6 @@ class UNet(nn.Module):
         (what a LADD discriminator reads, :mod:`minildm.latent_discriminator`). The decoder never runs."""
         h, skips, _ = self._encode(x, t, cond)
         return [skips[i] for i in self.level_ends] + [h]
-
-    def encoder_channels(self) -> list[int]:
-        """The channels of :meth:`encoder_features`' maps."""
-        levels = [self.cfg.model_channels * mult for mult in self.cfg.channel_mult]
-        return levels + levels[-1:]
 
 
 class TextConditionedUNet(nn.Module):

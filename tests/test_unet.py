@@ -109,7 +109,7 @@ def test_encoder_features_are_each_levels_last_map_and_the_middle():
     cond = {"context": torch.randn(2, 3, 8), "mask": torch.ones(2, 3)}
     maps = unet.encoder_features(x, t, cond)
     assert [tuple(m.shape[1:]) for m in maps] == [(16, 8, 8), (32, 4, 4), (32, 2, 2), (32, 2, 2)]
-    assert [m.shape[1] for m in maps] == unet.encoder_channels()
+    assert [m.shape[1] for m in maps] == unet.encoder_channels
     torch.nn.init.normal_(unet.up[0][0].conv1.weight)  # the decoder half does not take part
     assert all(torch.equal(a, b) for a, b in zip(maps, unet.encoder_features(x, t, cond)))
     later = unet.encoder_features(x, torch.tensor([500, 500]), cond)

@@ -196,7 +196,7 @@ class AddTask:
         x0_hat = self.schedule.predicted_x0(self.diffusion.prediction, model(x_s, s, cond).float(), x_s, s)
         batch["sees_image"] = (s != timesteps[0]).float()
         stats, loss = {}, torch.zeros((), device=z0.device)
-        reads_pixels = self.adversarial and self.cfg.discriminator == "vit"
+        reads_pixels = self.adversarial and not self.critic.reads_latents
         fake = self.decode(x0_hat).float() if (reads_pixels or self.cfg.distill_space == "pixel") else None
         if self.distill:
             distill = self.distillation(x0_hat, fake, cond)
@@ -204,21 +204,11 @@ class AddTask:
             stats["distill"] = float(distill.detach())
         if self.adversarial:
             generated = fake if reads_pixels else x0_hat
-            g_adv = generator_adversarial_loss(self.read(self.critic, generated, batch, self.condition(batch)))
+            g_adv = generator_adversarial_loss(self.critic(generated, self.condition(batch), batch))
             loss = loss + g_adv
             stats["g_adv"] = float(g_adv.detach())
             batch["fake"] = generated.detach()  # what the critic's step compares with the real images
         return loss, stats
-
-    def read(self, critic, samples: torch.Tensor, batch: dict, condition: torch.Tensor) -> torch.Tensor:
-        """The critic's logits for images (ADD's ViT discriminator) or latents (LADD's, which also
-        gives the teacher the caption)."""
-        return critic.heads_forward(self.critic_features(critic, samples, batch), condition)
-
-    def critic_features(self, critic, samples: torch.Tensor, batch: dict) -> list[torch.Tensor]:
-        if self.cfg.discriminator == "teacher":
-            return critic.features(samples, {"input_ids": batch["input_ids"], "mask": batch["mask"]})
-        return critic.features(samples)
 
     def student_timestep_indices(self, b: int, device) -> torch.Tensor:
         """Which student timestep each sample gets: uniform over the four (the paper), or the top
@@ -252,10 +242,9 @@ class AddTask:
 
     def critic_loss(self, critic, batch):
         condition = self.condition(batch)
-        real_features = self.critic_features(critic, batch["images" if self.cfg.discriminator == "vit" else "x0"],
-                                             batch)
+        real_features = critic.features(batch["x0"] if critic.reads_latents else batch["images"], batch)
         real = critic.heads_forward(real_features, condition)
-        fake = self.read(critic, batch["fake"], batch, condition)
+        fake = critic(batch["fake"], condition, batch)
         loss = hinge_discriminator_loss(real, fake)
         stats = {"d_loss": float(loss.detach()), "d_real_positive": float((real > 0).float().mean()),
                  "d_fake_positive": float((fake > 0).float().mean())}
@@ -513,7 +502,9 @@ def ablation(profile: Profile, out: str | Path, *, base: str | None = None, step
         results["runs"][name] = {"settings": settings, "wall_time_s": card["wall_time_s"], **{
             k: metrics[k] for k in ("alignment_1step", "fid_1step", "alignment_4step", "fid_4step",
                                     "teacher_alignment", "teacher_fid")},
-            "alignment_by_category_1step": metrics["alignment_by_category_1step"]}
+            "alignment_by_category_1step": metrics["alignment_by_category_1step"],
+            # where the two players ended: D's hinge loss (2: a coin flip) and its share of positive logits
+            "critic_end": {k: curve[-1][1] for k, curve in card.get("stat_curves", {}).items() if k.startswith("d_")}}
     atomic_write_file(out / "ablation.json", lambda path: save_json(path, results))
     return results
 
