@@ -197,9 +197,20 @@ def cmd_course(args) -> int:
 
     profile = get_profile(args.profile)
     out = writable_dir(args.out)
-    report = run_course(profile, out, progress=not args.quiet)
+    report = run_course(profile, out, progress=not args.quiet, lanes=args.lanes)
     print(f"course report: {report}")
     return 0
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -277,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     course = sub.add_parser("course", help="every built stage in order, then a report")
     course.add_argument("--profile", choices=PROFILE_NAMES, default=None)
     course.add_argument("--out", required=True, help="directory for the runs and the report")
+    course.add_argument("--lanes", type=positive_int, default=1,
+                        help="run up to this many independent jobs side by side, sharing the cores (default 1)")
     course.add_argument("--quiet", action="store_true")
     course.set_defaults(run=cmd_course)
     return parser

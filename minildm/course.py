@@ -44,38 +44,54 @@ def upstream_runs(name: str, out: Path) -> dict[str, str]:
     return runs
 
 
-def run_course(profile: Profile, out: Path, progress: bool = True, log=print) -> Path:
-    """Run (or resume) the course in ``out``; returns the path of ``report.md``."""
-    from minildm.checkpoints import load_json, save_json
+def run_course(profile: Profile, out: Path, progress: bool = True, log=print, lanes: int = 1) -> Path:
+    """Run (or resume) the course in ``out``; returns the path of ``report.md``.
 
+    ``lanes=1`` runs the stages one after another in this process. ``lanes=2`` (or more) runs
+    independent work side by side in processes of its own, sharing the cores
+    (:mod:`minildm.course_lanes`); every stage trains and measures exactly as it does alone."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results = {"profile": profile.name, "stages": {}}
-    started = time.time()
-    for number, name in enumerate(BUILT, 1):
-        prefix = f"course [{number}/{len(BUILT)}] {name}:"
-        done_file = out / name / DONE
-        if done_file.exists():
-            results["stages"][name] = load_json(done_file)
-            log(f"{prefix} finished in an earlier call ({results['stages'][name]['wall_time_s']:.0f} s), skipped",
-                flush=True)
-            continue
-        starting = _starting(out / name) if name in TRAIN_STAGES else "measuring on the course's own LDM"
-        log(f"{prefix} {starting} …", flush=True)
-        stage_start, earlier = time.time(), _earlier_training_seconds(out / name)
-        result = _train_stage(name, profile, out, progress) if name in TRAIN_STAGES else _evaluate_only(name, profile, out)
-        result["wall_time_s"] = round(time.time() - stage_start + earlier, 1)
-        save_json(done_file, result)
-        results["stages"][name] = result
-        met = [check["met"] for check in result["targets"].values()]
-        log(f"{prefix} done in {result['wall_time_s']:.0f} s, targets met {sum(met)}/{len(met)}; "
-            f"course {time.time() - started:.0f} s so far", flush=True)
+    if lanes > 1:
+        from minildm.course_lanes import run_lanes
+
+        results["lanes"] = run_lanes(profile, out, lanes, log)
+    else:
+        started = time.time()
+        for number, name in enumerate(BUILT, 1):
+            run_stage(name, profile, out, progress, log, f"course [{number}/{len(BUILT)}] {name}:",
+                      so_far=lambda: time.time() - started)
+    for name in BUILT:
+        results["stages"][name] = json.loads((out / name / DONE).read_text())
     results["wall_time_s"] = round(sum(r["wall_time_s"] for r in results["stages"].values()), 1)
     all_checks = [c["met"] for r in results["stages"].values() for c in r["targets"].values()]
     results["targets_met"] = [sum(all_checks), len(all_checks)]
     (out / "metrics.json").write_text(json.dumps(results, indent=2))
     (out / "report.md").write_text(report_markdown(results, out))
     return out / "report.md"
+
+
+def run_stage(name: str, profile: Profile, out: Path, progress: bool, log, prefix: str, so_far=None) -> dict:
+    """Train (or resume) and measure one stage into ``out/name``, unless an earlier call finished it;
+    ``out/name/course.json`` marks it finished and holds its result."""
+    from minildm.checkpoints import load_json, save_json
+
+    done_file = out / name / DONE
+    if done_file.exists():
+        result = load_json(done_file)
+        log(f"{prefix} finished in an earlier call ({result['wall_time_s']:.0f} s), skipped", flush=True)
+        return result
+    starting = _starting(out / name) if name in TRAIN_STAGES else "measuring on the course's own LDM"
+    log(f"{prefix} {starting} …", flush=True)
+    stage_start, earlier = time.time(), _earlier_training_seconds(out / name)
+    result = _train_stage(name, profile, out, progress) if name in TRAIN_STAGES else _evaluate_only(name, profile, out)
+    result["wall_time_s"] = round(time.time() - stage_start + earlier, 1)
+    save_json(done_file, result)
+    met = [check["met"] for check in result["targets"].values()]
+    course_time = f"; course {so_far():.0f} s so far" if so_far is not None else ""
+    log(f"{prefix} done in {result['wall_time_s']:.0f} s, targets met {sum(met)}/{len(met)}{course_time}", flush=True)
+    return result
 
 
 def _starting(run_dir: Path) -> str:

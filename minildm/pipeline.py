@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from minildm import thread_share
 from minildm.config import DiffusionConfig
 from minildm.diffusion import NoiseSchedule
 from minildm.paint_recipe import DEFAULT_RECIPE
@@ -78,6 +79,7 @@ class DiffusionPipeline:
         """Run the sampler with any ``denoiser(x_t, t, cond)`` — a guided UNet, a prompt switch,
         a painted one — from the noise of ``seed``, with this model's schedule and prediction
         (and its timestep spacing unless ``spacing`` is given: one of ``minildm.samplers.SPACINGS``)."""
+        thread_share.follow()  # `minildm course --lanes`: this run's share of the cores
         generator = torch.Generator().manual_seed(seed)
         noise = torch.randn((n, *self.sample_shape), generator=generator).to(self.device)
         spacing = spacing or self.spacing

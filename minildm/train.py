@@ -59,6 +59,7 @@ from accelerate.utils import send_to_device
 from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
+from minildm import thread_share
 from minildm.checkpoints import (CARD, WEIGHTS, atomic_write_dir, atomic_write_file, existing_dir,
                                  load_json, load_state_into, load_tensors, load_trained,
                                  optimizer_state_from_tensors, optimizer_state_to_tensors,
@@ -228,6 +229,7 @@ def train(task: TrainingTask, cfg: TrainConfig, out_dir: str | Path, *, resume: 
 
     try:
         for step in range(start, cfg.steps):
+            thread_share.follow()  # `minildm course --lanes`: this run's share of the cores
             if critic is not None:
                 critic.requires_grad_(False)  # the model's loss may look through the critic
             batches, rng_after, losses, step_stats = [], [], [], []

@@ -53,6 +53,7 @@ STAGE = "experts"
 ROLES = ("low", "middle", "high")
 MULTI = "multi_embedding"  # the run folder of the several-embeddings model
 SWITCH_FRACTIONS = tuple(round(0.1 * k, 1) for k in range(11))
+PARTS = ("tree", "baseline", "multi")  # the three runs the stage trains, each independent of the others
 TARGETS = {"follow_b_early": (">=", 0.8), "follow_b_late": ("<=", 0.1), "alignment_gain": (">=", 0.03)}
 
 
@@ -69,10 +70,17 @@ class Experts:
 
 # ----------------------------------------------------------------------------------- training
 def train(profile: Profile, out: str, *, base: str | None = None, resume=False, steps=None, device=None,
-          data=None, command=None, progress=True, eval_n: int | None = None) -> dict | None:
-    """Fine-tune the expert tree and the equal-cost baseline from ``base``; measure both."""
+          data=None, command=None, progress=True, eval_n: int | None = None, part: str | None = None) -> dict | None:
+    """Fine-tune the expert tree, the equal-cost baseline and the multi-embedding model from
+    ``base``; measure them.
+
+    ``part`` (one of :data:`PARTS`) trains that run alone and returns None: ``minildm course
+    --lanes`` trains the three side by side, and the stage's own call then finds them finished
+    (a run with a card is never retrained) and only assembles and measures."""
     from minildm.train import is_main_process, train as train_loop
 
+    if part not in (None, *PARTS):
+        raise ValueError(f"part {part!r}: expected one of {PARTS}")
     if data not in (None, "shapes"):
         raise UserError(f"--data {data}: the experts are measured by the judge on the shapes world's "
                         "prompts, so they accept only --data shapes")
@@ -90,15 +98,17 @@ def train(profile: Profile, out: str, *, base: str | None = None, resume=False, 
     image_size = base_card.get("image_size", profile.shapes.image_size)
     parts = base_card.get("parts")  # the base's autoencoder and encoder
     encoder, autoencoder = ldm._parts(cfg.space, image_size, parts)
-    cache = ldm.ItemCache(profile.extras.get("cache_size", 40_000), train_cfg.seed, image_size, autoencoder,
-                          embed_images=functools.partial(image_condition, encoder))  # for the multi-embedding model
+    # the training items, encoded when a run first needs them (not at all when every run is finished)
+    cache = functools.cache(lambda: ldm.ItemCache(
+        profile.extras.get("cache_size", 40_000), train_cfg.seed, image_size, autoencoder,
+        embed_images=functools.partial(image_condition, encoder) if part in (None, "multi") else None))
     nodes, ensemble = expert_tree(NoiseSchedule().steps)
 
     def fine_tune(name: str, start: dict, interval, run_cfg) -> tuple[dict, dict]:
         run_dir = out / "nodes" / name if interval is not None else out / "baseline"
         if (run_dir / CARD).exists():  # finished before an interruption
             return load_checkpoint(run_dir)
-        task = ldm.DiffusionTask(cfg, cache, encoder, run_cfg.batch_size, run_cfg.seed, "ldm", autoencoder,
+        task = ldm.DiffusionTask(cfg, cache(), encoder, run_cfg.batch_size, run_cfg.seed, "ldm", autoencoder,
                                  t_range=interval)
         load_state_into(task.model, start, str(base_path))
         train_loop(task, run_cfg, run_dir, resume=(run_dir / "checkpoint").exists(), device=device,
@@ -108,21 +118,23 @@ def train(profile: Profile, out: str, *, base: str | None = None, resume=False, 
         return load_checkpoint(run_dir)
 
     states, node_cards = {None: base_state}, {}
-    for node in nodes:
-        states[node.name], node_cards[node.name] = fine_tune(node.name, states[node.parent],
-                                                            (node.low, node.high), train_cfg)
-    # the same budget for the single model: as many steps as all the nodes together, every t
-    total = train_cfg.steps * len(nodes)
-    _, baseline_card = fine_tune("baseline", base_state, None, dataclasses.replace(train_cfg, steps=total))
+    if part in (None, "tree"):
+        for node in nodes:
+            states[node.name], node_cards[node.name] = fine_tune(node.name, states[node.parent],
+                                                                (node.low, node.high), train_cfg)
+    if part in (None, "baseline"):
+        # the same budget for the single model: as many steps as all the nodes together, every t
+        total = train_cfg.steps * len(nodes)
+        _, baseline_card = fine_tune("baseline", base_state, None, dataclasses.replace(train_cfg, steps=total))
     # Sec. 4.2: one model on several embeddings at once, fine-tuned from the same base
     multi_dir = out / MULTI
-    if not (multi_dir / CARD).exists():
+    if part in (None, "multi") and not (multi_dir / CARD).exists():
         multi_cfg = dataclasses.replace(train_cfg, steps=profile.extras.get("multi_embedding_steps", 4 * train_cfg.steps))
-        embeddings.train(embeddings.multi_config(cfg, encoder), multi_cfg, cache, encoder, autoencoder, base_state,
+        embeddings.train(embeddings.multi_config(cfg, encoder), multi_cfg, cache(), encoder, autoencoder, base_state,
                          multi_dir, resume=(multi_dir / "checkpoint").exists(), device=device, command=command,
                          progress=progress, extra_card={"profile": profile.name, "image_size": image_size,
                                                         "base": str(base_path), "parts": parts})
-    if not is_main_process():
+    if part is not None or not is_main_process():
         return None
 
     by_name = {node.name: node for node in nodes}
@@ -161,6 +173,14 @@ def train(profile: Profile, out: str, *, base: str | None = None, resume=False, 
 
 
 default_eval_n = ldm.default_eval_n
+
+
+def part_done(out: str | Path, part: str) -> bool:
+    """Whether ``part`` (one of :data:`PARTS`) of the experts run in ``out`` is finished: its runs have cards."""
+    out = Path(out)
+    runs = {"tree": [out / "nodes" / node.name for node in expert_tree(NoiseSchedule().steps)[0]],
+            "baseline": [out / "baseline"], "multi": [out / MULTI]}[part]
+    return all((run / CARD).exists() for run in runs)
 
 
 # ------------------------------------------------------------------------------------ loading

@@ -1,0 +1,207 @@
+"""``minildm course --lanes N`` — the course's work side by side, at most N jobs at a time.
+
+Why it pays on a small CPU: these networks are too small to keep two cores busy. An LDM training
+step takes 0.34 s on two threads and 0.55 s on one, so two trainings on one thread each get
+through about 1.24× the work of one training on both (``minildm bench``'s machine; measured
+for this module's docstring on a 2-core Xeon).
+
+And the course is not a chain. What each stage needs (``minildm.stages.UPSTREAM``):
+
+    judge ──► ae ──┐
+                   ├──► ldm ──► experts (tree, baseline, multi-embedding) ──► experts measured
+    clip ──────────┘     ├───► add
+      └──► pixel         └───► paint
+
+so the pixel baseline can train beside the autoencoder and the LDM, and after the LDM the
+experts stage's three independent runs, the ADD student and paint-with-words are five jobs that
+need nothing of each other. Here every stage is a job, except that the experts stage is split in
+four: its three runs (:data:`minildm.stages.experts.PARTS`), then the stage itself, which finds
+them trained and only assembles and measures them.
+
+The scheduler starts jobs in :data:`PRIORITY` order as soon as what they need is finished, at most
+``lanes`` at a time, each in a process of its own (``python -m minildm.course_lanes JOB``; its
+output goes to ``DIR/lanes/JOB.log``). It splits the cores evenly among the running jobs and,
+when one is left alone, gives it all of them (:mod:`minildm.thread_share`). A job trains and
+measures exactly as ``minildm course`` does one stage at a time; only the thread counts differ.
+Interrupted, the next call skips the finished jobs and resumes the others from their
+checkpoints, as the one-lane course does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from minildm import thread_share
+from minildm.checkpoints import load_json, save_json
+from minildm.config import Profile, get_profile
+from minildm.errors import UserError
+from minildm.stages import BASED_STAGES, BUILT, TRAIN_STAGES, UPSTREAM
+
+EXPERT_PARTS = ("experts:tree", "experts:baseline", "experts:multi")  # see minildm.stages.experts.PARTS
+# Which job starts first when several could: the longest chain (to the LDM and the experts) first,
+# so that nothing waits on it at the end; the short measuring jobs last, to fill the gaps.
+PRIORITY = ("judge", "clip", "ae", "pixel", "ldm", *EXPERT_PARTS, "add", "experts", "paint")
+POLL_SECONDS = 1.0
+
+
+def job_needs() -> dict[str, tuple[str, ...]]:
+    """job -> the jobs that must finish before it starts, from the stages' own ``UPSTREAM``."""
+    from minildm.course import STAGE_OF_PART
+
+    needs = {}
+    for name in BUILT:
+        before = tuple(STAGE_OF_PART[part] for part in UPSTREAM.get(name, ()))
+        if name in BASED_STAGES or name not in TRAIN_STAGES:  # experts, add; paint measures the LDM
+            before += ("ldm",)
+        needs[name] = before
+    for part in EXPERT_PARTS:
+        needs[part] = needs["experts"]
+    needs["experts"] = EXPERT_PARTS
+    return needs
+
+
+def run_lanes(profile: Profile, out: Path, lanes: int, log=print) -> dict:
+    """Run (or resume) every job of the course in ``out``, at most ``lanes`` at once; returns the
+    timeline: ``{"lanes", "cores", "elapsed_s", "jobs": {job: {"start_s", "end_s"}}}``, the
+    seconds counted on the course's clock (summed over the calls that made it)."""
+    if get_profile(profile.name) != profile:
+        raise ValueError(f"--lanes runs each job in a process of its own, which rebuilds profile "
+                         f"{profile.name!r} from its name; this one was changed in memory")
+    needs, folder, cores = job_needs(), out / "lanes", torch.get_num_threads()
+    folder.mkdir(parents=True, exist_ok=True)
+    timeline_file = folder / "timeline.json"
+    timeline = load_json(timeline_file) if timeline_file.exists() else {"elapsed_s": 0.0, "jobs": {}}
+    call_start, before = time.time(), timeline["elapsed_s"]
+
+    def clock() -> float:
+        return round(before + time.time() - call_start, 1)
+
+    def save() -> None:
+        timeline["elapsed_s"] = clock()
+        save_json(timeline_file, timeline)
+
+    finished, running = set(), {}
+    for number, job in enumerate(PRIORITY, 1):
+        if _finished(job, out):
+            finished.add(job)
+            log(f"course [{number}/{len(PRIORITY)}] {job}: finished in an earlier call, skipped", flush=True)
+    try:
+        while len(finished) < len(PRIORITY):
+            for job in PRIORITY:
+                if len(running) < lanes and job not in finished | set(running) and set(needs[job]) <= finished:
+                    running[job] = _launch(job, profile, out, folder)
+                    timeline["jobs"][job] = {"start_s": clock()}
+                    log(f"{_prefix(job)} started ({len(running)} of {lanes} lanes busy); its log: "
+                        f"{folder / (_slug(job) + '.log')}", flush=True)
+            if not running:  # cannot happen while job_needs() describes a graph without cycles
+                raise RuntimeError(f"no job can start; waiting: {sorted(set(PRIORITY) - finished)}")
+            _share_cores(running, cores, folder)
+            time.sleep(POLL_SECONDS)
+            for job, process in list(running.items()):
+                if process.poll() is None:
+                    continue
+                del running[job]
+                if process.returncode != 0:
+                    raise UserError(f"course job {job} failed (exit status {process.returncode}); "
+                                    f"its log: {folder / (_slug(job) + '.log')}")
+                finished.add(job)
+                timeline["jobs"][job]["end_s"] = clock()
+                save()
+                log(f"{_prefix(job)} {_outcome(job, out, timeline['jobs'][job])}; course {clock():.0f} s so far",
+                    flush=True)
+    finally:
+        for process in running.values():  # interrupted or failed: stop the others at their checkpoints
+            process.terminate()
+        for process in running.values():
+            process.wait()
+        save()
+    return {"lanes": lanes, "cores": cores, **timeline}
+
+
+def _finished(job: str, out: Path) -> bool:
+    from minildm.course import DONE
+
+    stage, _, part = job.partition(":")
+    if part:
+        from minildm.stages.experts import part_done
+
+        return part_done(out / stage, part)
+    return (out / stage / DONE).exists()
+
+
+def _launch(job: str, profile: Profile, out: Path, folder: Path) -> subprocess.Popen:
+    share = folder / f"{_slug(job)}.threads"
+    thread_share.write(share, 1)  # corrected by _share_cores before the job's first step
+    with open(folder / f"{_slug(job)}.log", "ab") as log_file:
+        return subprocess.Popen([sys.executable, "-m", "minildm.course_lanes", job, "--profile", profile.name,
+                                 "--out", str(out)], stdout=log_file, stderr=subprocess.STDOUT,
+                                env={**os.environ, thread_share.ENV: str(share)})
+
+
+def _share_cores(running: dict, cores: int, folder: Path) -> None:
+    """An even split of ``cores`` threads among the running jobs (the first ones get any remainder)."""
+    share, extra = divmod(cores, len(running))
+    for k, job in enumerate(running):
+        threads = max(1, share + (1 if k < extra else 0))
+        path = folder / f"{_slug(job)}.threads"
+        if path.read_text().strip() != str(threads):
+            thread_share.write(path, threads)
+
+
+def _outcome(job: str, out: Path, times: dict) -> str:
+    if ":" in job:
+        return f"trained in {times['end_s'] - times['start_s']:.0f} s"
+    from minildm.course import DONE
+
+    result = load_json(out / job / DONE)
+    met = [check["met"] for check in result["targets"].values()]
+    return f"done in {result['wall_time_s']:.0f} s, targets met {sum(met)}/{len(met)}"
+
+
+def _prefix(job: str) -> str:
+    return f"course [{PRIORITY.index(job) + 1}/{len(PRIORITY)}] {job}:"
+
+
+def _slug(job: str) -> str:
+    return job.replace(":", "-")
+
+
+def run_job(job: str, profile: Profile, out: Path) -> None:
+    """One job, in this process: a whole stage (trained and measured, as the one-lane course does
+    it) or one of the experts stage's three runs."""
+    from minildm.course import run_stage, upstream_runs
+    from minildm.stages import stage_module
+
+    thread_share.follow()
+    stage, _, part = job.partition(":")
+    if part:
+        stage_module(stage).train(profile, str(out / stage), command=f"minildm course --profile {profile.name}",
+                                  progress=False, part=part, **upstream_runs(stage, out))
+    else:
+        run_stage(stage, profile, out, progress=False, log=print, prefix=f"{job}:")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m minildm.course_lanes",
+                                     description="one job of `minildm course --lanes` (the course starts these)")
+    parser.add_argument("job", choices=PRIORITY)
+    parser.add_argument("--profile", required=True)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    try:
+        run_job(args.job, get_profile(args.profile), Path(args.out))
+    except UserError as error:
+        print(f"minildm: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
