@@ -11,6 +11,10 @@ check its targets, and draw its loss curve over the reference's. One progress li
 Interrupted, a second call with the same ``DIR`` skips the finished stages (``DIR/<stage>/course.json``)
 and resumes the unfinished one at the step of its last checkpoint. The report is ``DIR/report.md``
 (for people) and ``DIR/metrics.json`` (for programs).
+
+``--lanes 2`` runs the stages that need nothing of each other side by side, each in a process of
+its own with its share of the cores (:mod:`minildm.course_lanes`); the stages themselves train
+and measure exactly as they do here one at a time.
 """
 
 from __future__ import annotations
@@ -149,6 +153,11 @@ def report_markdown(results: dict, out: Path) -> str:
     met, total = results["targets_met"]
     lines = [f"# minildm course report — profile `{results['profile']}`", "",
              f"{len(results['stages'])} stages in {results['wall_time_s']:.0f} s; targets met: {met} of {total}.", ""]
+    if "lanes" in results:
+        lanes = results["lanes"]
+        lines += [f"Run on {lanes['lanes']} lanes sharing {lanes['cores']} cores, the course took "
+                  f"{lanes['elapsed_s']:.0f} s of wall clock; each stage's time below was measured while it "
+                  "shared the cores, so they add up to more than that.", ""]
     if results["profile"] == "smoke":
         lines += ["(smoke profile: a few steps to prove the code runs; the targets are for the cpu profile)", ""]
     for name, result in results["stages"].items():

@@ -1,0 +1,101 @@
+import json
+
+import pytest
+
+from minildm import course_lanes
+from minildm.cli import main
+from minildm.config import get_profile
+from minildm.errors import UserError
+from minildm.experts import expert_tree
+
+
+def test_the_jobs_needs_follow_the_stages_upstream_runs():
+    needs = course_lanes.job_needs()
+    assert set(needs) == set(course_lanes.PRIORITY)
+    assert needs["judge"] == () and needs["clip"] == ()
+    assert needs["ae"] == ("judge",), "the autoencoder's perceptual loss reads the course's judge"
+    assert set(needs["ldm"]) == {"ae", "clip"} and needs["pixel"] == ("clip",)
+    for job in ("add", "paint", *course_lanes.EXPERT_PARTS):
+        assert needs[job] == ("ldm",), job
+    assert needs["experts"] == course_lanes.EXPERT_PARTS, "the experts are measured once their three runs exist"
+    # no cycles: removing finished jobs always leaves one that can start
+    done = set()
+    while len(done) < len(needs):
+        ready = [job for job in course_lanes.PRIORITY if job not in done and set(needs[job]) <= done]
+        assert ready, f"stuck with {set(needs) - done}"
+        done.add(ready[0])
+
+
+def test_cores_are_split_evenly_and_a_job_left_alone_gets_them_all(tmp_path):
+    def shares(running, cores):
+        for job in running:
+            (tmp_path / f"{job}.threads").write_text("1\n")
+        course_lanes._share_cores(dict.fromkeys(running), cores, tmp_path)
+        return [int((tmp_path / f"{job}.threads").read_text()) for job in running]
+
+    assert shares(["judge", "clip"], 2) == [1, 1]
+    assert shares(["clip"], 2) == [2]
+    assert shares(["ldm", "pixel"], 3) == [2, 1]
+    assert shares(["ldm", "pixel", "add"], 2) == [1, 1, 1], "never fewer than one thread"
+
+
+def test_course_on_two_lanes_runs_jobs_side_by_side_and_resumes(tmp_path, capsys):
+    assert main(["course", "--profile", "smoke", "--out", str(tmp_path), "--quiet", "--lanes", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert str(tmp_path / "report.md") in printed
+    jobs = course_lanes.PRIORITY
+    assert sum(line.startswith("course [") for line in printed.splitlines()) == 2 * len(jobs)
+    report = json.loads((tmp_path / "metrics.json").read_text())
+    assert list(report["stages"]) == ["judge", "ae", "clip", "ldm", "pixel", "experts", "paint", "add"]
+    timeline = report["lanes"]
+    assert timeline["lanes"] == 2 and set(timeline["jobs"]) == set(jobs)
+    spans = timeline["jobs"]
+    assert spans["judge"]["start_s"] < spans["clip"]["end_s"] and spans["clip"]["start_s"] < spans["judge"]["end_s"], \
+        "the judge and the text encoder need nothing of each other: they train at the same time"
+    for job, before in course_lanes.job_needs().items():
+        for need in before:
+            assert spans[need]["end_s"] <= spans[job]["start_s"], f"{job} started before {need} finished"
+    assert timeline["elapsed_s"] >= max(span["end_s"] for span in spans.values())
+    assert "sharing" in (tmp_path / "report.md").read_text()
+    # the experts stage's three runs trained as jobs of their own, on the course's LDM, then were measured
+    experts_card = json.loads((tmp_path / "experts" / "card.json").read_text())
+    assert experts_card["base"] == str(tmp_path / "ldm")
+    steps = get_profile("smoke").experts_train.steps
+    assert experts_card["baseline"]["steps"] == steps * len(experts_card["tree"])
+    assert experts_card["multi_embedding"]["steps"] == get_profile("smoke").extras.get("multi_embedding_steps", 4 * steps)
+    assert "follow_b_early" in report["stages"]["experts"]["targets"]
+    add_card = json.loads((tmp_path / "add" / "card.json").read_text())
+    assert add_card["teacher"] == str(tmp_path / "ldm")
+
+    # interrupted: a second call skips the finished jobs and runs the rest
+    (tmp_path / "add" / "course.json").unlink()
+    elapsed = timeline["elapsed_s"]
+    assert main(["course", "--profile", "smoke", "--out", str(tmp_path), "--quiet", "--lanes", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "[1/11] judge: finished in an earlier call" in printed and "experts:tree: finished in an earlier call" in printed
+    assert "add: started" in printed and "ldm: started" not in printed
+    assert json.loads((tmp_path / "metrics.json").read_text())["lanes"]["elapsed_s"] > elapsed, \
+        "the course's clock counts every call"
+
+
+def test_a_failing_job_stops_the_course_with_one_line_naming_its_log(tmp_path):
+    for stage in ("judge", "clip", "ae", "pixel", "ldm", "experts", "add"):  # everything but paint marked done…
+        (tmp_path / stage).mkdir()
+        (tmp_path / stage / "course.json").write_text("{}")
+    nodes = [f"nodes/{node.name}" for node in expert_tree()[0]]
+    for run in (*nodes, "baseline", "multi_embedding"):
+        (tmp_path / "experts" / run).mkdir(parents=True)
+        (tmp_path / "experts" / run / "card.json").write_text("{}")
+    with pytest.raises(UserError, match=r"course job paint failed \(exit status 2\); its log: .*paint.log"):
+        course_lanes.run_lanes(get_profile("smoke"), tmp_path, 2, log=lambda *a, **k: None)  # …but no LDM to paint with
+    assert "minildm: error:" in (tmp_path / "lanes" / "paint.log").read_text()
+
+
+def test_lanes_need_a_profile_a_process_can_rebuild_and_a_positive_count(tmp_path, capsys):
+    import dataclasses
+
+    changed = dataclasses.replace(get_profile("smoke"), name="smoke", extras={})
+    with pytest.raises(ValueError, match="rebuilds profile 'smoke' from its name"):
+        course_lanes.run_lanes(changed, tmp_path, 2)
+    assert main(["course", "--profile", "smoke", "--out", str(tmp_path), "--lanes", "0"]) == 2
+    assert "'0' is not a whole number of at least 1" in capsys.readouterr().err
