@@ -1,9 +1,10 @@
 """``minildm course --lanes N`` — the course's work side by side, at most N jobs at a time.
 
-Why it pays on a small CPU: these networks are too small to keep two cores busy. An LDM training
-step takes 0.34 s on two threads and 0.55 s on one, so two trainings on one thread each get
-through about 1.24× the work of one training on both (``minildm bench``'s machine; measured
-for this module's docstring on a 2-core Xeon).
+Why it pays on a small CPU: the diffusion stages' networks are too small to keep two cores busy.
+In the course runs of ``data/measurements`` (a 2-core Xeon), the experts' tree took 1.6× as long
+on one thread as on two and the ADD student 1.6×, so two such trainings on one thread each get
+through about 1.25× the work of one on both. The judge and CLIP took 2.0× and 1.9×: for them
+lanes gain nothing. Over the whole course, 93.5 minutes on two lanes against 107 on one.
 
 And the course is not a chain. What each stage needs (``minildm.stages.UPSTREAM``):
 
@@ -41,6 +42,7 @@ import torch
 from minildm import thread_share
 from minildm.checkpoints import load_json, save_json
 from minildm.config import Profile, get_profile
+from minildm.course import DONE, STAGE_OF_PART, run_stage, upstream_runs
 from minildm.errors import UserError
 from minildm.stages import BASED_STAGES, BUILT, TRAIN_STAGES, UPSTREAM
 
@@ -53,8 +55,6 @@ POLL_SECONDS = 1.0
 
 def job_needs() -> dict[str, tuple[str, ...]]:
     """job -> the jobs that must finish before it starts, from the stages' own ``UPSTREAM``."""
-    from minildm.course import STAGE_OF_PART
-
     needs = {}
     for name in BUILT:
         before = tuple(STAGE_OF_PART[part] for part in UPSTREAM.get(name, ()))
@@ -87,7 +87,7 @@ def run_lanes(profile: Profile, out: Path, lanes: int, log=print) -> dict:
         timeline["elapsed_s"] = clock()
         save_json(timeline_file, timeline)
 
-    finished, running = set(), {}
+    finished, running, threads = set(), {}, {}  # threads: the share last written for each running job
     for number, job in enumerate(PRIORITY, 1):
         if _finished(job, out):
             finished.add(job)
@@ -102,12 +102,12 @@ def run_lanes(profile: Profile, out: Path, lanes: int, log=print) -> dict:
                         f"{folder / (_slug(job) + '.log')}", flush=True)
             if not running:  # cannot happen while job_needs() describes a graph without cycles
                 raise RuntimeError(f"no job can start; waiting: {sorted(set(PRIORITY) - finished)}")
-            _share_cores(running, cores, folder)
+            _share_cores(running, threads, cores, folder)
             time.sleep(POLL_SECONDS)
             for job, process in list(running.items()):
                 if process.poll() is None:
                     continue
-                del running[job]
+                del running[job], threads[job]
                 if process.returncode != 0:
                     raise UserError(f"course job {job} failed (exit status {process.returncode}); "
                                     f"its log: {folder / (_slug(job) + '.log')}")
@@ -126,8 +126,6 @@ def run_lanes(profile: Profile, out: Path, lanes: int, log=print) -> dict:
 
 
 def _finished(job: str, out: Path) -> bool:
-    from minildm.course import DONE
-
     stage, _, part = job.partition(":")
     if part:
         from minildm.stages.experts import part_done
@@ -138,28 +136,27 @@ def _finished(job: str, out: Path) -> bool:
 
 def _launch(job: str, profile: Profile, out: Path, folder: Path) -> subprocess.Popen:
     share = folder / f"{_slug(job)}.threads"
-    thread_share.write(share, 1)  # corrected by _share_cores before the job's first step
+    share.unlink(missing_ok=True)  # from an interrupted call; _share_cores writes it before the job's first step
     with open(folder / f"{_slug(job)}.log", "ab") as log_file:
         return subprocess.Popen([sys.executable, "-m", "minildm.course_lanes", job, "--profile", profile.name,
                                  "--out", str(out)], stdout=log_file, stderr=subprocess.STDOUT,
                                 env={**os.environ, thread_share.ENV: str(share)})
 
 
-def _share_cores(running: dict, cores: int, folder: Path) -> None:
-    """An even split of ``cores`` threads among the running jobs (the first ones get any remainder)."""
+def _share_cores(running: dict, threads: dict, cores: int, folder: Path) -> None:
+    """An even split of ``cores`` threads among the running jobs (the first ones get any remainder),
+    written for each job whose share changed (``threads`` holds the shares written so far)."""
     share, extra = divmod(cores, len(running))
     for k, job in enumerate(running):
-        threads = max(1, share + (1 if k < extra else 0))
-        path = folder / f"{_slug(job)}.threads"
-        if path.read_text().strip() != str(threads):
-            thread_share.write(path, threads)
+        count = max(1, share + (1 if k < extra else 0))
+        if threads.get(job) != count:
+            thread_share.write(folder / f"{_slug(job)}.threads", count)
+            threads[job] = count
 
 
 def _outcome(job: str, out: Path, times: dict) -> str:
     if ":" in job:
         return f"trained in {times['end_s'] - times['start_s']:.0f} s"
-    from minildm.course import DONE
-
     result = load_json(out / job / DONE)
     met = [check["met"] for check in result["targets"].values()]
     return f"done in {result['wall_time_s']:.0f} s, targets met {sum(met)}/{len(met)}"
@@ -176,7 +173,6 @@ def _slug(job: str) -> str:
 def run_job(job: str, profile: Profile, out: Path) -> None:
     """One job, in this process: a whole stage (trained and measured, as the one-lane course does
     it) or one of the experts stage's three runs."""
-    from minildm.course import run_stage, upstream_runs
     from minildm.stages import stage_module
 
     thread_share.follow()

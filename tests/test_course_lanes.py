@@ -27,16 +27,20 @@ def test_the_jobs_needs_follow_the_stages_upstream_runs():
 
 
 def test_cores_are_split_evenly_and_a_job_left_alone_gets_them_all(tmp_path):
-    def shares(running, cores):
-        for job in running:
-            (tmp_path / f"{job}.threads").write_text("1\n")
-        course_lanes._share_cores(dict.fromkeys(running), cores, tmp_path)
+    def shares(running, cores, written=None):
+        course_lanes._share_cores(dict.fromkeys(running), {} if written is None else written, cores, tmp_path)
         return [int((tmp_path / f"{job}.threads").read_text()) for job in running]
 
     assert shares(["judge", "clip"], 2) == [1, 1]
     assert shares(["clip"], 2) == [2]
     assert shares(["ldm", "pixel"], 3) == [2, 1]
     assert shares(["ldm", "pixel", "add"], 2) == [1, 1, 1], "never fewer than one thread"
+    written = {}
+    assert shares(["ldm", "pixel"], 2, written) == [1, 1] and written == {"ldm": 1, "pixel": 1}
+    (tmp_path / "ldm.threads").write_text("7\n")  # not the scheduler's doing: a share unchanged is not rewritten
+    assert shares(["ldm", "pixel"], 2, written) == [7, 1]
+    del written["pixel"]
+    assert shares(["ldm"], 2, written) == [2], "the job left alone gets both cores"
 
 
 def test_course_on_two_lanes_runs_jobs_side_by_side_and_resumes(tmp_path, capsys):

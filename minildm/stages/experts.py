@@ -105,7 +105,7 @@ def train(profile: Profile, out: str, *, base: str | None = None, resume=False, 
     nodes, ensemble = expert_tree(NoiseSchedule().steps)
 
     def fine_tune(name: str, start: dict, interval, run_cfg) -> tuple[dict, dict]:
-        run_dir = out / "nodes" / name if interval is not None else out / "baseline"
+        run_dir = run_folder(out, name)
         if (run_dir / CARD).exists():  # finished before an interruption
             return load_checkpoint(run_dir)
         task = ldm.DiffusionTask(cfg, cache(), encoder, run_cfg.batch_size, run_cfg.seed, "ldm", autoencoder,
@@ -127,7 +127,7 @@ def train(profile: Profile, out: str, *, base: str | None = None, resume=False, 
         total = train_cfg.steps * len(nodes)
         _, baseline_card = fine_tune("baseline", base_state, None, dataclasses.replace(train_cfg, steps=total))
     # Sec. 4.2: one model on several embeddings at once, fine-tuned from the same base
-    multi_dir = out / MULTI
+    multi_dir = run_folder(out, MULTI)
     if part in (None, "multi") and not (multi_dir / CARD).exists():
         multi_cfg = dataclasses.replace(train_cfg, steps=profile.extras.get("multi_embedding_steps", 4 * train_cfg.steps))
         embeddings.train(embeddings.multi_config(cfg, encoder), multi_cfg, cache(), encoder, autoencoder, base_state,
@@ -177,10 +177,15 @@ default_eval_n = ldm.default_eval_n
 
 def part_done(out: str | Path, part: str) -> bool:
     """Whether ``part`` (one of :data:`PARTS`) of the experts run in ``out`` is finished: its runs have cards."""
-    out = Path(out)
-    runs = {"tree": [out / "nodes" / node.name for node in expert_tree(NoiseSchedule().steps)[0]],
-            "baseline": [out / "baseline"], "multi": [out / MULTI]}[part]
-    return all((run / CARD).exists() for run in runs)
+    names = {"tree": [node.name for node in expert_tree(NoiseSchedule().steps)[0]],
+             "baseline": ["baseline"], "multi": [MULTI]}[part]
+    return all((run_folder(out, name) / CARD).exists() for name in names)
+
+
+def run_folder(out: str | Path, name: str) -> Path:
+    """Where the run ``name`` of an experts run ``out`` lives: ``baseline/``, ``multi_embedding/``,
+    or ``nodes/<name>/`` for a node of the tree."""
+    return Path(out) / (name if name in ("baseline", MULTI) else f"nodes/{name}")
 
 
 # ------------------------------------------------------------------------------------ loading
@@ -198,7 +203,7 @@ def load(path: str | Path | None = None) -> tuple[Experts, dict]:
         load_state_into(unets[role], _part(state, role), str(folder))
     router = ExpertRouter(unets, {role: tuple(card["experts"][role]["interval"]) for role in ROLES})
     pipeline = DiffusionPipeline(router, cfg, encoder.with_text_model(text), autoencoder, image_size)
-    baseline, _ = ldm.load_pipeline(folder / "baseline")
+    baseline, _ = ldm.load_pipeline(run_folder(folder, "baseline"))
     multi = None
     if (folder / MULTI).is_dir():
         model, multi_pipeline, _ = embeddings.load(folder / MULTI)
