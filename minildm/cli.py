@@ -197,7 +197,9 @@ def cmd_course(args) -> int:
 
     profile = get_profile(args.profile)
     out = writable_dir(args.out)
-    report = run_course(profile, out, progress=not args.quiet, lanes=args.lanes)
+    from minildm.course_lanes import default_lanes
+
+    report = run_course(profile, out, progress=not args.quiet, lanes=args.lanes or default_lanes())
     print(f"course report: {report}")
     return 0
 
@@ -288,8 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     course = sub.add_parser("course", help="every built stage in order, then a report")
     course.add_argument("--profile", choices=PROFILE_NAMES, default=None)
     course.add_argument("--out", required=True, help="directory for the runs and the report")
-    course.add_argument("--lanes", type=positive_int, default=1,
-                        help="run up to this many independent jobs side by side, sharing the cores (default 1)")
+    course.add_argument("--lanes", type=positive_int, default=None,
+                        help="run up to this many independent jobs side by side, sharing the cores "
+                             "(default: 2 where torch has 2 or more threads, else 1)")
     course.add_argument("--quiet", action="store_true")
     course.set_defaults(run=cmd_course)
     return parser

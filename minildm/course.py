@@ -12,9 +12,10 @@ Interrupted, a second call with the same ``DIR`` skips the finished stages (``DI
 and resumes the unfinished one at the step of its last checkpoint. The report is ``DIR/report.md``
 (for people) and ``DIR/metrics.json`` (for programs).
 
-``--lanes 2`` runs the stages that need nothing of each other side by side, each in a process of
-its own with its share of the cores (:mod:`minildm.course_lanes`); the stages themselves train
-and measure exactly as they do here one at a time.
+``--lanes 2`` (the command line's default on two cores or more) runs the stages that need nothing
+of each other side by side, each in a process of its own with its share of the cores
+(:mod:`minildm.course_lanes`); the stages themselves train and measure exactly as they do here
+one at a time, which is ``--lanes 1``.
 """
 
 from __future__ import annotations

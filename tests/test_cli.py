@@ -104,7 +104,7 @@ def test_bench_reports_ratios(capsys):
 
 
 def test_course_runs_the_built_stages_and_writes_a_report(tmp_path, capsys):
-    assert main(["course", "--profile", "smoke", "--out", str(tmp_path), "--quiet"]) == 0
+    assert main(["course", "--profile", "smoke", "--out", str(tmp_path), "--quiet", "--lanes", "1"]) == 0
     printed = capsys.readouterr().out
     assert str(tmp_path / "report.md") in printed
     stages = ["judge", "ae", "clip", "ldm", "pixel", "experts", "paint", "add"]
@@ -141,7 +141,7 @@ def test_course_runs_the_built_stages_and_writes_a_report(tmp_path, capsys):
     (tmp_path / "add" / "course.json").unlink()
     (tmp_path / "add" / "model.safetensors").unlink()
     trained_before = json.loads((tmp_path / "add" / "checkpoint" / "state.json").read_text())["wall_time_s"]
-    assert main(["course", "--profile", "smoke", "--out", str(tmp_path), "--quiet"]) == 0
+    assert main(["course", "--profile", "smoke", "--out", str(tmp_path), "--quiet", "--lanes", "1"]) == 0
     printed = capsys.readouterr().out
     assert "[1/8] judge: finished in an earlier call" in printed
     assert "[8/8] add: resuming at step" in printed and "[8/8] add: done in " in printed

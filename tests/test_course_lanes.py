@@ -103,3 +103,16 @@ def test_lanes_need_a_profile_a_process_can_rebuild_and_a_positive_count(tmp_pat
         course_lanes.run_lanes(changed, tmp_path, 2)
     assert main(["course", "--profile", "smoke", "--out", str(tmp_path), "--lanes", "0"]) == 2
     assert "'0' is not a whole number of at least 1" in capsys.readouterr().err
+
+
+def test_the_course_shares_two_cores_unless_told_otherwise(tmp_path, monkeypatch):
+    import minildm.course
+
+    asked = []
+    monkeypatch.setattr(minildm.course, "run_course", lambda profile, out, progress, lanes: asked.append(lanes) or out)
+    for threads, lanes in ((1, 1), (2, 2), (16, 2)):
+        monkeypatch.setattr(course_lanes.torch, "get_num_threads", lambda: threads)
+        assert course_lanes.default_lanes() == lanes
+        assert main(["course", "--profile", "smoke", "--out", str(tmp_path), "--quiet"]) == 0
+        assert main(["course", "--profile", "smoke", "--out", str(tmp_path), "--quiet", "--lanes", "3"]) == 0
+    assert asked == [1, 3, 2, 3, 2, 3]
