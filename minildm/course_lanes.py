@@ -20,10 +20,11 @@ four: its three runs (:data:`minildm.stages.experts.PARTS`), then the stage itse
 them trained and only assembles and measures them.
 
 The scheduler starts jobs in :data:`PRIORITY` order as soon as what they need is finished, at most
-``lanes`` at a time, each in a process of its own (``python -m minildm.course_lanes JOB``; its
-output goes to ``DIR/lanes/JOB.log``). It splits the cores evenly among the running jobs and,
-when one is left alone, gives it all of them (:mod:`minildm.thread_share`). A job trains and
-measures exactly as ``minildm course`` does one stage at a time; only the thread counts differ.
+``lanes`` at a time (the judge, :data:`ALONE`, with nothing beside it), each in a process of its
+own (``python -m minildm.course_lanes JOB``; its output goes to ``DIR/lanes/JOB.log``). It
+splits the cores evenly among the running jobs and, when one is left alone, gives it all of them
+(:mod:`minildm.thread_share`). A job trains and measures exactly as ``minildm course`` does one
+stage at a time; only the thread counts differ.
 Interrupted, the next call skips the finished jobs and resumes the others from their
 checkpoints, as the one-lane course does.
 """
@@ -49,7 +50,11 @@ from minildm.stages import BASED_STAGES, BUILT, TRAIN_STAGES, UPSTREAM
 EXPERT_PARTS = ("experts:tree", "experts:baseline", "experts:multi")  # see minildm.stages.experts.PARTS
 # Which job starts first when several could: the longest chain (to the LDM and the experts) first,
 # so that nothing waits on it at the end; the short measuring jobs last, to fill the gaps.
-PRIORITY = ("judge", "clip", "ae", "pixel", "ldm", *EXPERT_PARTS, "add", "experts", "paint")
+PRIORITY = ("judge", "ae", "clip", "pixel", "ldm", *EXPERT_PARTS, "add", "experts", "paint")
+# Jobs that run with nothing beside them. The judge's network keeps two cores busy (on one thread
+# it took 2.0× as long as on two), so sharing the cores gains nothing for it, and the longest chain
+# (judge → ae → ldm → experts) waits on it: alone, it is done in half the time.
+ALONE = ("judge",)
 POLL_SECONDS = 1.0
 
 
@@ -101,12 +106,11 @@ def run_lanes(profile: Profile, out: Path, lanes: int, log=print) -> dict:
             log(f"course [{number}/{len(PRIORITY)}] {job}: finished in an earlier call, skipped", flush=True)
     try:
         while len(finished) < len(PRIORITY):
-            for job in PRIORITY:
-                if len(running) < lanes and job not in finished | set(running) and set(needs[job]) <= finished:
-                    running[job] = _launch(job, profile, out, folder)
-                    timeline["jobs"][job] = {"start_s": clock()}
-                    log(f"{_prefix(job)} started ({len(running)} of {lanes} lanes busy); its log: "
-                        f"{folder / (_slug(job) + '.log')}", flush=True)
+            for job in startable(finished, running, lanes, needs):
+                running[job] = _launch(job, profile, out, folder)
+                timeline["jobs"][job] = {"start_s": clock()}
+                log(f"{_prefix(job)} started ({len(running)} of {lanes} lanes busy); its log: "
+                    f"{folder / (_slug(job) + '.log')}", flush=True)
             if not running:  # cannot happen while job_needs() describes a graph without cycles
                 raise RuntimeError(f"no job can start; waiting: {sorted(set(PRIORITY) - finished)}")
             _share_cores(running, threads, cores, folder)
@@ -130,6 +134,20 @@ def run_lanes(profile: Profile, out: Path, lanes: int, log=print) -> dict:
             process.wait()
         save()
     return {"lanes": lanes, "cores": cores, **timeline}
+
+
+def startable(finished: set, running, lanes: int, needs: dict) -> list[str]:
+    """The jobs to start now, in :data:`PRIORITY` order: those whose needs are finished, while
+    lanes are free — and none beside a job of :data:`ALONE`, which starts only on an idle machine."""
+    started = []
+    for job in PRIORITY:
+        busy = [*running, *started]
+        if len(busy) >= lanes or any(other in ALONE for other in busy):
+            break
+        if job in finished or job in busy or not set(needs[job]) <= finished or (job in ALONE and busy):
+            continue
+        started.append(job)
+    return started
 
 
 def _finished(job: str, out: Path) -> bool:

@@ -54,8 +54,10 @@ def test_course_on_two_lanes_runs_jobs_side_by_side_and_resumes(tmp_path, capsys
     timeline = report["lanes"]
     assert timeline["lanes"] == 2 and set(timeline["jobs"]) == set(jobs)
     spans = timeline["jobs"]
-    assert spans["judge"]["start_s"] < spans["clip"]["end_s"] and spans["clip"]["start_s"] < spans["judge"]["end_s"], \
-        "the judge and the text encoder need nothing of each other: they train at the same time"
+    assert all(span["start_s"] >= spans["judge"]["end_s"] for job, span in spans.items() if job != "judge"), \
+        "the judge trains alone"
+    assert spans["ae"]["start_s"] < spans["clip"]["end_s"] and spans["clip"]["start_s"] < spans["ae"]["end_s"], \
+        "the autoencoder and the text encoder need nothing of each other: they train at the same time"
     for job, before in course_lanes.job_needs().items():
         for need in before:
             assert spans[need]["end_s"] <= spans[job]["start_s"], f"{job} started before {need} finished"
@@ -116,3 +118,21 @@ def test_the_course_shares_two_cores_unless_told_otherwise(tmp_path, monkeypatch
         assert main(["course", "--profile", "smoke", "--out", str(tmp_path), "--quiet"]) == 0
         assert main(["course", "--profile", "smoke", "--out", str(tmp_path), "--quiet", "--lanes", "3"]) == 0
     assert asked == [1, 3, 2, 3, 2, 3]
+
+
+def test_jobs_start_in_priority_order_and_the_judge_alone():
+    needs = course_lanes.job_needs()
+
+    def start(finished, running=(), lanes=2):
+        return course_lanes.startable(set(finished), list(running), lanes, needs)
+
+    assert start([]) == ["judge"], "the judge keeps both cores busy by itself, and the longest chain waits on it"
+    assert start([], lanes=5) == ["judge"]
+    assert start([], running=["judge"]) == []
+    assert start(["judge"]) == ["ae", "clip"], "the autoencoder first: the LDM waits on it"
+    assert start(["judge"], running=["ae"]) == ["clip"]
+    assert start(["judge", "clip"], running=["ae"]) == ["pixel"], "the LDM needs the autoencoder"
+    assert start(["judge", "clip", "ae"], running=["pixel"]) == ["ldm"]
+    assert start(["judge", "clip", "ae", "pixel", "ldm"]) == ["experts:tree", "experts:baseline"]
+    assert start(["judge", "clip", "ae", "pixel", "ldm"], lanes=9) == [*course_lanes.EXPERT_PARTS, "add", "paint"]
+    assert start(["clip"], running=["pixel"]) == [], "the judge waits for an idle machine"
