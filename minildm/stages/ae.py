@@ -190,9 +190,9 @@ def evaluate(model: AutoencoderKL, n: int = 1000, seed: int = EVAL_SEED, judge=N
     if n < 4:
         raise UserError(f"--n {n}: the autoencoder's evaluation needs at least 4 renders")
     judge = judge if judge is not None else judge_stage.load(None)[0]
-    if judge.cfg.image_size != model.cfg.image_size:
-        raise UserError(f"the judge reads {judge.cfg.image_size} px images, this autoencoder makes "
-                        f"{model.cfg.image_size} px; evaluate it with a judge of its size")
+    if model.cfg.image_size % judge.cfg.image_size:
+        raise UserError(f"the judge reads {judge.cfg.image_size} px images (or a whole multiple of that), this "
+                        f"autoencoder makes {model.cfg.image_size} px; evaluate it with a judge of its size")
     images, scenes = shapes_batch(seed, range(n), ShapesConfig(image_size=model.cfg.image_size))
     reconstructions = reconstruct(model, images)
     categories = [s.category for s in scenes]
