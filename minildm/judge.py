@@ -85,10 +85,10 @@ class Judge(nn.Module):
         So one ruler measures every profile: the reference judge reads 32 px, and the ``gpu``
         profile's 64 px renders averaged over 2×2 blocks are read as well as 32 px ones (of 1000
         held-out scenes, 1000 read exactly against 999; the same reads for 999 of them)."""
-        size, own = images.shape[-1], self.cfg.image_size
-        if size == own:
+        (height, size), own = images.shape[-2:], self.cfg.image_size
+        if height == size == own:
             return images
-        if size % own or images.shape[-2] != size:
+        if height != size or size % own:
             raise ValueError(f"this judge reads {own} px images, or square ones a whole multiple of that; "
                              f"got {tuple(images.shape[-2:])}")
         return F.avg_pool2d(images, size // own)

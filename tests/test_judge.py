@@ -123,3 +123,17 @@ def test_torchrun_two_cpu_processes_train_the_judge_smoke_config(tmp_path):
     assert card["world_size"] == 2 and card["stage"] == "judge"
     assert sorted(p.name for p in out.iterdir()) == ["card.json", "checkpoint", "model.safetensors"]
     assert result.stdout.count("trained judge") == 1, "only the main process reports"
+
+
+def test_a_judge_reads_whole_multiples_of_its_size_averaged_down():
+    judge = Judge(JudgeConfig(image_size=32, widths=(8, 16), feature_dim=16)).eval()
+    big, _ = shapes_batch(0, range(4), ShapesConfig(image_size=64))
+    pooled = torch.nn.functional.avg_pool2d(big, 2)
+    assert torch.equal(judge.at_reading_size(big), pooled)
+    small = shapes_batch(0, range(4), ShapesConfig(image_size=32))[0]
+    assert judge.at_reading_size(small) is small, "its own size passes as it is"
+    with torch.no_grad():
+        assert torch.allclose(judge.features(big), judge.features(pooled))
+    for bad in (torch.zeros(1, 3, 48, 48), torch.zeros(1, 3, 16, 16), torch.zeros(1, 3, 64, 32)):
+        with pytest.raises(ValueError, match="this judge reads 32 px images, or square ones a whole multiple"):
+            judge.at_reading_size(bad)
