@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -104,6 +105,7 @@ def run_lanes(profile: Profile, out: Path, lanes: int, log=print) -> dict:
         if _finished(job, out):
             finished.add(job)
             log(f"course [{number}/{len(PRIORITY)}] {job}: finished in an earlier call, skipped", flush=True)
+    previous_handler = _stop_jobs_on_sigterm()
     try:
         while len(finished) < len(PRIORITY):
             for job in startable(finished, running, lanes, needs):
@@ -133,7 +135,20 @@ def run_lanes(profile: Profile, out: Path, lanes: int, log=print) -> dict:
         for process in running.values():
             process.wait()
         save()
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
     return {"lanes": lanes, "cores": cores, **timeline}
+
+
+def _stop_jobs_on_sigterm():
+    """``kill`` (SIGTERM) ends the course as Ctrl-C does, through the ``finally`` that stops the
+    running jobs at their checkpoints; by default it would end this process alone and leave them
+    training. Returns the handler it replaced (None where it cannot set one: not the main thread)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def startable(finished: set, running, lanes: int, needs: dict) -> list[str]:

@@ -92,8 +92,12 @@ def test_a_failing_job_stops_the_course_with_one_line_naming_its_log(tmp_path):
     for run in (*nodes, "baseline", "multi_embedding"):
         (tmp_path / "experts" / run).mkdir(parents=True)
         (tmp_path / "experts" / run / "card.json").write_text("{}")
+    import signal
+
+    handler = signal.getsignal(signal.SIGTERM)
     with pytest.raises(UserError, match=r"course job paint failed \(exit status 2\); its log: .*paint.log"):
         course_lanes.run_lanes(get_profile("smoke"), tmp_path, 2, log=lambda *a, **k: None)  # …but no LDM to paint with
+    assert signal.getsignal(signal.SIGTERM) is handler, "the course's SIGTERM handler lasts only while it runs"
     assert "minildm: error:" in (tmp_path / "lanes" / "paint.log").read_text()
 
 
@@ -136,3 +140,34 @@ def test_jobs_start_in_priority_order_and_the_judge_alone():
     assert start(["judge", "clip", "ae", "pixel", "ldm"]) == ["experts:tree", "experts:baseline"]
     assert start(["judge", "clip", "ae", "pixel", "ldm"], lanes=9) == [*course_lanes.EXPERT_PARTS, "add", "paint"]
     assert start(["clip"], running=["pixel"]) == [], "the judge waits for an idle machine"
+
+
+def test_killing_the_course_stops_its_jobs(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    course = subprocess.Popen([sys.executable, "-m", "minildm", "course", "--profile", "smoke", "--out", str(tmp_path),
+                               "--quiet", "--lanes", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    judge_log = tmp_path / "lanes" / "judge.log"
+    for _ in range(600):
+        if judge_log.exists():
+            break
+        time.sleep(0.1)
+    children = subprocess.run(["pgrep", "-P", str(course.pid)], capture_output=True, text=True).stdout.split()
+    assert children, "the judge runs in a process of its own"
+    course.send_signal(signal.SIGTERM)
+    course.wait(timeout=60)
+    time.sleep(0.5)
+    left = []
+    for pid in children:
+        try:
+            if open(f"/proc/{pid}/stat").read().split()[2] != "Z":  # a zombie has ended
+                left.append(int(pid))
+        except FileNotFoundError:
+            continue
+    for pid in left:  # do not leave them running if the test fails
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"job processes {left} still running after the course was killed"
