@@ -194,11 +194,10 @@ def cmd_results(args) -> int:
 def cmd_course(args) -> int:
     from minildm.config import get_profile
     from minildm.course import run_course
+    from minildm.course_lanes import default_lanes
 
     profile = get_profile(args.profile)
     out = writable_dir(args.out)
-    from minildm.course_lanes import default_lanes
-
     report = run_course(profile, out, progress=not args.quiet, lanes=args.lanes or default_lanes())
     print(f"course report: {report}")
     return 0

@@ -36,6 +36,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -144,8 +145,6 @@ def _stop_jobs_on_sigterm():
     """``kill`` (SIGTERM) ends the course as Ctrl-C does, through the ``finally`` that stops the
     running jobs at their checkpoints; by default it would end this process alone and leave them
     training. Returns the handler it replaced (None where it cannot set one: not the main thread)."""
-    import threading
-
     if threading.current_thread() is not threading.main_thread():
         return None
     return signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
