@@ -124,6 +124,16 @@ def jupyterlab(tmp_path_factory):
     log.close()
 
 
+def _shut_down_kernels(url: str, token: str) -> None:
+    """End every kernel the server runs: a closed browser tab leaves its kernel alive, holding memory."""
+    headers = {"Authorization": f"token {token}"}
+    with urllib.request.urlopen(urllib.request.Request(f"{url}/api/sessions", headers=headers), timeout=10) as r:
+        sessions = json.load(r)
+    for session in sessions:
+        urllib.request.urlopen(urllib.request.Request(f"{url}/api/sessions/{session['id']}", method="DELETE",
+                                                      headers=headers), timeout=30).close()
+
+
 def _code_cells(notebook: Path) -> int:
     return sum(c["cell_type"] == "code" for c in json.loads(notebook.read_text())["cells"])
 
@@ -234,3 +244,4 @@ def test_notebook_runs_and_its_widgets_render_and_respond(notebook, browser_page
         finally:
             page.screenshot(path=str(ARTIFACTS / f"{notebook.stem}.png"), full_page=True)
             browser.close()
+            _shut_down_kernels(url, token)
