@@ -1,4 +1,9 @@
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -92,8 +97,6 @@ def test_a_failing_job_stops_the_course_with_one_line_naming_its_log(tmp_path):
     for run in (*nodes, "baseline", "multi_embedding"):
         (tmp_path / "experts" / run).mkdir(parents=True)
         (tmp_path / "experts" / run / "card.json").write_text("{}")
-    import signal
-
     handler = signal.getsignal(signal.SIGTERM)
     with pytest.raises(UserError, match=r"course job paint failed \(exit status 2\); its log: .*paint.log"):
         course_lanes.run_lanes(get_profile("smoke"), tmp_path, 2, log=lambda *a, **k: None)  # …but no LDM to paint with
@@ -143,12 +146,6 @@ def test_jobs_start_in_priority_order_and_the_judge_alone():
 
 
 def test_killing_the_course_stops_its_jobs(tmp_path):
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     course = subprocess.Popen([sys.executable, "-m", "minildm", "course", "--profile", "smoke", "--out", str(tmp_path),
                                "--quiet", "--lanes", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     judge_log = tmp_path / "lanes" / "judge.log"
