@@ -18,11 +18,16 @@ a fact about the code. Each timing is the median of several repeats after a warm
 * ``ldm_step_bf16_speedup`` — the LDM UNet's training step in fp32 over bf16 autocast.
 * ``latent_vs_pixel_sampling_speedup`` — LDM's claim: the reference latent model's guided DDIM
   sampling (decoder included) against the reference pixel model's, images per second.
+* ``latent_sampling_bf16_speedup`` — (CPU) the reference LDM's same guided sampling in fp32 over
+  bf16 autocast, whatever :mod:`minildm.precision` would pick here: whether sampling in bf16 pays.
 * ``add_1step_vs_teacher_speedup`` — ADD's claim: the reference student's single step against its
   teacher's 50 guided steps, both decoded (``minildm.stages.add.sampling_speed``).
 * ``ldm_step_flops_share_of_matmul_peak`` — the FLOP/s a bf16 LDM training step achieves (its
   FLOPs counted by ``torch.utils.flop_counter``) over the FLOP/s of one large bf16 matrix multiply
   on this device: how much of the machine a small UNet can use.
+* ``bf16_is_faster`` — :func:`minildm.precision.bf16_is_faster`: whether a profile's
+  ``mixed_precision="auto"`` trains (and the CPU samples) in bf16 on this device; on a CPU that
+  is whether it has AMX tiles. ``matmul_gflop_per_s_fp32`` beside the bf16 rate shows why.
 * ``stages`` — each stage's training throughput (images/s, the profile's batch and precision) and
   the peak memory of a process that does nothing but build the stage and train it for a few
   steps (CPU: peak resident memory, interpreter and torch included — ``baseline_process_mb`` is a
@@ -48,6 +53,7 @@ import torch
 from accelerate.utils import send_to_device
 
 from minildm.config import get_profile
+from minildm.precision import bf16_is_faster, cpu_sampling_in_bf16, resolve as resolve_precision
 
 
 def _median_time(fn, repeats: int = 5, warmup: int = 2) -> float:
@@ -121,6 +127,7 @@ def run_bench(profile_name: str = "cpu", device: str | None = None) -> dict:
     unet_ours, unet_diffusers, unet_params, unet_fp32, unet_flops = _unet_step_times(profile, device)
     attention_sdpa, attention_explicit = _attention_times(profile, device)
     matmul_flops_per_s = matmul_rate(device, torch.bfloat16)
+    matmul_fp32_flops_per_s = matmul_rate(device, torch.float32)
     sampling = _sampling_speedups(device, profile)
 
     return {
@@ -144,6 +151,8 @@ def run_bench(profile_name: str = "cpu", device: str | None = None) -> dict:
         "ldm_step_gflop": round(unet_flops / 1e9, 2),
         "ldm_step_gflop_per_s_bf16": round(unet_flops / unet_ours / 1e9, 1),
         "matmul_gflop_per_s_bf16": round(matmul_flops_per_s / 1e9, 1),
+        "matmul_gflop_per_s_fp32": round(matmul_fp32_flops_per_s / 1e9, 1),
+        "bf16_is_faster": bf16_is_faster("cuda" if device.startswith("cuda") else "cpu"),
         "ldm_step_flops_share_of_matmul_peak": round(unet_flops / unet_ours / matmul_flops_per_s, 3),
         "stages": {name: stage_figures_in_subprocess(name, profile.name, device) for name in THROUGHPUT_STAGES},
         "baseline_process_mb": stage_figures_in_subprocess("none", profile.name, device)["peak_memory_mb"],
@@ -239,6 +248,12 @@ def _sampling_speedups(device: str, profile) -> dict:
             pipeline.autoencoder.to(device)
         pipeline(prompts[:2], steps=2)  # warm-up
         seconds[name] = _median_time(lambda: pipeline(prompts, steps=steps), repeats=1, warmup=0)
+        if name == "latent" and device == "cpu":  # the same sampling in fp32 and in bf16 autocast
+            timed = {}
+            for in_bf16 in (False, True):
+                with cpu_sampling_in_bf16(in_bf16):
+                    timed[in_bf16] = _median_time(lambda: pipeline(prompts, steps=steps), repeats=1, warmup=1)
+            seconds["bf16_speedup"] = timed[False] / timed[True]
     distilled, _ = add_stage.load(None)
     if profile.name == "smoke":
         distilled.teacher.cfg = dataclasses.replace(distilled.teacher.cfg, sample_steps=steps)
@@ -246,6 +261,7 @@ def _sampling_speedups(device: str, profile) -> dict:
     return {"latent_vs_pixel_sampling_speedup": round(seconds["pixel"] / seconds["latent"], 2),
             "latent_images_per_s": round(batch / seconds["latent"], 1),
             "pixel_images_per_s": round(batch / seconds["pixel"], 1),
+            "latent_sampling_bf16_speedup": round(seconds["bf16_speedup"], 3) if "bf16_speedup" in seconds else None,
             "add_1step_vs_teacher_speedup": round(add["speedup_1step"], 1),
             "add_1step_vs_teacher_denoising_speedup": round(add["speedup_1step_denoising"], 1),
             "sampling_steps_and_batch": [steps, batch]}
@@ -298,7 +314,8 @@ def stage_figures(name: str, profile_name: str, device: str) -> dict:
             task.critic.to(device)
         batch = send_to_device(batch, device)
         train_cfg = getattr(profile, f"{name}_train")
-        dtype = torch.bfloat16 if train_cfg.mixed_precision == "bf16" else None
+        precision = resolve_precision(train_cfg.mixed_precision, "cuda" if device.startswith("cuda") else "cpu")
+        dtype = torch.bfloat16 if precision == "bf16" else None
         step = training_step_fn(task, batch, device, dtype)
 
         def timed():
@@ -307,7 +324,7 @@ def stage_figures(name: str, profile_name: str, device: str) -> dict:
                 torch.cuda.synchronize()
         figures["train_images_per_s"] = round(train_cfg.batch_size / _median_time(timed, STEPS_TIMED, 1), 1)
         figures["batch_size"] = train_cfg.batch_size
-        figures["mixed_precision"] = train_cfg.mixed_precision
+        figures["mixed_precision"] = precision
     if device.startswith("cuda"):
         figures["peak_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     else:

@@ -164,7 +164,9 @@ class TrainConfig:
     warmup_steps: int = 50
     grad_clip: float = 1.0
     ema_decay: float = 0.999
-    mixed_precision: str = "no"  # "no" | "bf16" | "fp16" (fp16 on CUDA only)
+    # "no" | "bf16" | "fp16" (CUDA only) | "auto": bf16 where this machine computes it faster
+    # (a CUDA GPU with bf16, a CPU with AMX tiles), else fp32 — minildm.precision
+    mixed_precision: str = "no"
     checkpoint_every: int = 500
     seed: int = TRAIN_SEED
     # Gradient accumulation: each process computes a step's gradient as ``accumulate`` micro-batches
@@ -237,19 +239,19 @@ def _cpu() -> Profile:
         shapes=ShapesConfig(image_size=size),
         judge=JudgeConfig(image_size=size, widths=(32, 64, 128), feature_dim=256),
         judge_train=TrainConfig(steps=1500, batch_size=64, lr=2e-3, warmup_steps=100,
-                                ema_decay=0.995, mixed_precision="bf16", checkpoint_every=500),
+                                ema_decay=0.995, mixed_precision="auto", checkpoint_every=500),
         ae=AutoencoderConfig(image_size=size, channels=32, disc_start=1000, perceptual_weight=1.0),
         ae_train=TrainConfig(steps=2000, batch_size=32, lr=1e-3, betas=(0.5, 0.9), warmup_steps=100,
-                             ema_decay=0.999, mixed_precision="bf16", checkpoint_every=500),
+                             ema_decay=0.999, mixed_precision="auto", checkpoint_every=500),
         clip=ClipConfig(image_size=size, twin_share=0.25),
         clip_train=TrainConfig(steps=1600, batch_size=128, lr=3e-3, betas=(0.9, 0.98), warmup_steps=100,
-                               ema_decay=0.995, mixed_precision="bf16", checkpoint_every=500),
+                               ema_decay=0.995, mixed_precision="auto", checkpoint_every=500),
         ldm=DiffusionConfig(unet=UNetConfig(model_channels=48, channel_mult=(1, 2, 2), attention_levels=(0, 1),
                                             heads=4, context_dim=64)),
         # lr 2e-3 and EMA 0.998 (rather than 1e-3 and 0.999) brought two-object alignment from
         # 0.43 to 0.68 in the same 3000 steps: binding appears sooner, and the average forgets faster
         ldm_train=TrainConfig(steps=3000, batch_size=128, lr=2e-3, warmup_steps=200, ema_decay=0.998,
-                              mixed_precision="bf16", checkpoint_every=400),
+                              mixed_precision="auto", checkpoint_every=400),
         # the same UNet on 32×32×3 pixels: one more level, so that attention sits at the same 8×8 and 4×4
         pixel=DiffusionConfig(unet=UNetConfig(in_channels=3, out_channels=3, model_channels=48,
                                               channel_mult=(1, 2, 2, 2), attention_levels=(2, 3), heads=4,
@@ -257,14 +259,14 @@ def _cpu() -> Profile:
         # equal wall clock with the latent run: a pixel step took 2.08 s on this CPU, a latent one
         # 0.40 s, so 576 steps fill the latent run's 20 minutes
         pixel_train=TrainConfig(steps=576, batch_size=128, lr=1e-3, warmup_steps=40, ema_decay=0.995,
-                                mixed_precision="bf16", checkpoint_every=96),
+                                mixed_precision="auto", checkpoint_every=96),
         # five fine-tunings of the reference LDM (four tree nodes and the middle expert), each on its
         # interval with the text tower frozen: 5 × 450 steps ≈ 15 minutes on this CPU
         experts_train=TrainConfig(steps=450, batch_size=128, lr=3e-4, warmup_steps=30, ema_decay=0.995,
-                                  mixed_precision="bf16", checkpoint_every=150),
+                                  mixed_precision="auto", checkpoint_every=150),
         # the ADD student, fine-tuned from the reference LDM against its discriminator
         add_train=TrainConfig(steps=1000, batch_size=32, lr=1e-4, warmup_steps=50, ema_decay=0.99,
-                              mixed_precision="bf16", checkpoint_every=200),
+                              mixed_precision="auto", checkpoint_every=200),
         eval_n=1000,
         train_eval_n=1000,
         extras={"cache_size": 40_000, "diffusion_eval_n": 656, "progress_eval_n": 120, "pixel_eval_n": 120,

@@ -133,6 +133,7 @@ def _train_stage(name: str, profile: Profile, out: Path, progress: bool) -> dict
     # the experts stage also trains an equal-cost baseline and a multi-embedding model: count them all
     return {"steps": card.get("training_steps", card["steps"]),
             "train_wall_time_s": card.get("training_wall_time_s", card["wall_time_s"]), "device": card["device"],
+            "mixed_precision": card.get("mixed_precision"),  # the profile's "auto" resolved (minildm.precision)
             "builds_on": upstream_runs(name, out), "metrics": card["metrics"],
             "targets": check_targets(card["metrics"], getattr(stage, "TARGETS", {})), "loss_curve": "loss_curve.png"}
 
@@ -164,9 +165,11 @@ def report_markdown(results: dict, out: Path) -> str:
     for name, result in results["stages"].items():
         lines += [f"## {name}", ""]
         if "steps" in result:
+            precision = {"bf16": ", bf16 autocast", "fp16": ", fp16 autocast", "no": ", fp32"}.get(
+                result.get("mixed_precision"), "")
             lines.append(f"{result['steps']} steps, {result['train_wall_time_s']:.0f} s of training on "
-                         f"{result['device']} ({result['wall_time_s']:.0f} s with measuring); weights and card in "
-                         f"`{out / name}`.")
+                         f"{result['device']}{precision} ({result['wall_time_s']:.0f} s with measuring); weights "
+                         f"and card in `{out / name}`.")
         else:
             lines.append(f"measured on `{out / 'ldm'}` (nothing to train), {result['wall_time_s']:.0f} s.")
         if result["builds_on"]:

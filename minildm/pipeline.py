@@ -17,6 +17,7 @@ from minildm import thread_share
 from minildm.config import DiffusionConfig
 from minildm.diffusion import NoiseSchedule
 from minildm.paint_recipe import DEFAULT_RECIPE
+from minildm.precision import sampling_autocast
 from minildm.samplers import ClassifierFreeGuidance, ddim_sample, ddpm_sample
 
 
@@ -52,7 +53,7 @@ class DiffusionPipeline:
     def denoiser(self, guidance: float, cond: dict):
         """The UNet, guided with scale ``guidance`` (1: no guidance), as a sampler's denoiser."""
         def unet(x, t, c):
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cpu"):
+            with sampling_autocast(self.device):
                 return self.unet(x, t, c).float()
         return ClassifierFreeGuidance(unet, guidance, self.null_like(cond))
 

@@ -66,10 +66,10 @@ from minildm.checkpoints import (CARD, WEIGHTS, atomic_write_dir, atomic_write_f
                                  save_json, save_tensors)
 from minildm.config import TrainConfig
 from minildm.errors import UserError
+from minildm.precision import MIXED_PRECISIONS, resolve as resolve_precision
 
 __all__ = ["TrainingTask", "train", "is_main_process", "leave_process_group", "load_trained", "lr_multiplier", "ema_with_warmup", "loss_curve"]
 
-MIXED_PRECISIONS = ("no", "bf16", "fp16")
 CHECKPOINT_DIR = "checkpoint"
 LOSS_CURVE_POINTS = 300
 
@@ -391,12 +391,14 @@ def _make_accelerator(cfg: TrainConfig, device: str | None) -> Accelerator:
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("device cuda asked for, but torch sees no CUDA GPU; use --device cpu")
     if cfg.mixed_precision == "fp16" and (device == "cpu" or not torch.cuda.is_available()):
-        raise UserError("mixed precision fp16 needs a CUDA GPU; use bf16 or no on the CPU")
+        raise UserError("mixed precision fp16 needs a CUDA GPU; use bf16, auto or no on the CPU")
+    on_gpu = device == "cuda" or (device is None and torch.cuda.is_available())
+    precision = resolve_precision(cfg.mixed_precision, "cuda" if on_gpu else "cpu")
     # Accelerate keeps its settings in process-wide state, and refuses a second Accelerator with
     # other settings; a notebook that trains one stage in bf16 and the next in fp32 needs it
     # afresh. Under torchrun the process group (the "partial state") is kept.
     AcceleratorState._reset_state(reset_partial_state=not _in_process_group())
-    return Accelerator(cpu=device == "cpu", mixed_precision=cfg.mixed_precision)
+    return Accelerator(cpu=device == "cpu", mixed_precision=precision)
 
 
 def _check_out_dir(out_dir: Path, resume: bool) -> None:
@@ -476,7 +478,7 @@ def _card(task: TrainingTask, cfg: TrainConfig, accelerator: Accelerator, steps:
         "steps_per_s": steps_per_s,
         "device": _device_name(accelerator.device),
         "world_size": accelerator.num_processes,
-        "mixed_precision": cfg.mixed_precision,
+        "mixed_precision": accelerator.mixed_precision,  # "auto" resolved (minildm.precision)
         "peak_memory_mb": _peak_memory_mb(accelerator.device),
         "loss_curve": curve,
         "final_loss": curve[-1][1] if curve else None,

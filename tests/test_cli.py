@@ -94,12 +94,14 @@ def test_bench_reports_ratios(capsys):
     ours, theirs = figures["unet_parameters_ours_and_diffusers"]
     assert abs(ours - theirs) / ours < 0.05, "the diffusers UNet is matched to ours"
     for ratio in ("ldm_step_bf16_speedup", "latent_vs_pixel_sampling_speedup", "add_1step_vs_teacher_speedup",
-                  "ldm_step_flops_share_of_matmul_peak"):
+                  "ldm_step_flops_share_of_matmul_peak", "latent_sampling_bf16_speedup"):
         assert figures[ratio] > 0, ratio
     assert figures["ldm_step_gflop"] > 0 and figures["matmul_gflop_per_s_bf16"] > 0
+    assert figures["matmul_gflop_per_s_fp32"] > 0 and isinstance(figures["bf16_is_faster"], bool)
     assert set(figures["stages"]) == {"judge", "ae", "clip", "ldm", "pixel", "add"}
     for name, stage in figures["stages"].items():
         assert stage["train_images_per_s"] > 0 and stage["batch_size"] > 0, name
+        assert stage["mixed_precision"] in ("no", "bf16"), f"{name}: the precision it actually trained in"
         assert stage["peak_memory_mb"] > figures["baseline_process_mb"] > 0, f"{name}: measured in a process of its own"
 
 

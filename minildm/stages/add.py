@@ -50,6 +50,7 @@ from minildm.diffusion import NoiseSchedule
 from minildm.errors import UserError
 from minildm.latent_discriminator import LatentDiscriminator
 from minildm.pipeline import DiffusionPipeline
+from minildm.precision import sampling_autocast
 from minildm.samplers import ClassifierFreeGuidance
 from minildm.stages import ldm
 from minildm.unet import TextConditionedUNet, UNet
@@ -102,7 +103,7 @@ class StudentPipeline(DiffusionPipeline):
         self.student_timesteps = tuple(student_timesteps)
 
     def denoise_x0(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cpu"):
+        with sampling_autocast(self.device):
             out = self.unet(x, t, cond).float()
         return self.schedule.predicted_x0(self.cfg.prediction, out, x, t)
 

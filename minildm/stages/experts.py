@@ -44,6 +44,7 @@ from minildm.errors import UserError
 from minildm.experts import ExpertRouter, expert_tree, prompt_switch
 from minildm.multi_embedding import image_condition
 from minildm.pipeline import DiffusionPipeline
+from minildm.precision import sampling_autocast
 from minildm.samplers import schedule_timesteps
 from minildm.stages import embeddings, ldm
 from minildm.unet import UNet
@@ -162,6 +163,7 @@ def train(profile: Profile, out: str, *, base: str | None = None, resume=False, 
         "training_steps": sum(c["steps"] for c in runs),
         "training_wall_time_s": round(sum(c["wall_time_s"] for c in runs), 2),
         "loss_curve": curve, "device": baseline_card.get("device"), "seed": train_cfg.seed,
+        "mixed_precision": baseline_card.get("mixed_precision"),
     }
     # beside nodes/ and baseline/: the weights first, the card (which marks a finished run) last
     atomic_write_file(out / WEIGHTS, lambda path: save_tensors(path, tensors))
@@ -313,11 +315,11 @@ def text_influence(pipeline: DiffusionPipeline, n: int = 64, levels: int = 20, s
         store = AttentionStore()
         install_hook(pipeline.unet, store)
         try:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=pipeline.device.type == "cpu"):
+            with sampling_autocast(pipeline.device):
                 out_c = pipeline.unet(x_t, tt, cond).float()
         finally:
             install_hook(pipeline.unet, None)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=pipeline.device.type == "cpu"):
+        with sampling_autocast(pipeline.device):
             out_u = pipeline.unet(x_t, tt, null).float()
         x0_c = schedule.predicted_x0(pipeline.cfg.prediction, out_c, x_t, tt)
         x0_u = schedule.predicted_x0(pipeline.cfg.prediction, out_u, x_t, tt)
