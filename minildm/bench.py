@@ -28,7 +28,8 @@ a fact about the code. Each timing is the median of several repeats after a warm
 * ``bf16_is_faster`` — :func:`minildm.precision.bf16_is_faster`: whether a profile's
   ``mixed_precision="auto"`` trains (and the CPU samples) in bf16 on this device; on a CPU that
   is whether it has AMX tiles. ``matmul_gflop_per_s_fp32`` beside the bf16 rate shows why.
-* ``stages`` — each stage's training throughput (images/s, the profile's batch and precision) and
+* ``stages`` — each stage's training throughput (images/s, the profile's batch and the precision
+  it resolves to), its step in fp32 over bf16 autocast (``bf16_speedup``), and
   the peak memory of a process that does nothing but build the stage and train it for a few
   steps (CPU: peak resident memory, interpreter and torch included — ``baseline_process_mb`` is a
   process that only imports them; CUDA: peak allocated tensor memory). The experts' step is the
@@ -322,13 +323,17 @@ def stage_figures(name: str, profile_name: str, device: str) -> dict:
             step()
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
-        figures["train_images_per_s"] = round(train_cfg.batch_size / _median_time(timed, STEPS_TIMED, 1), 1)
+        seconds = {precision: _median_time(timed, STEPS_TIMED, 1)}
+        figures["train_images_per_s"] = round(train_cfg.batch_size / seconds[precision], 1)
         figures["batch_size"] = train_cfg.batch_size
         figures["mixed_precision"] = precision
-    if device.startswith("cuda"):
-        figures["peak_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    else:
-        figures["peak_memory_mb"] = peak_resident_mb()
+    figures["peak_memory_mb"] = (round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.startswith("cuda")
+                                 else peak_resident_mb())
+    if name != "none":  # then the other precision, after the memory reading: whether "auto" chose well
+        other = "no" if precision == "bf16" else "bf16"
+        step = training_step_fn(task, batch, device, torch.bfloat16 if other == "bf16" else None)
+        seconds[other] = _median_time(timed, STEPS_TIMED, 1)
+        figures["bf16_speedup"] = round(seconds["no"] / seconds["bf16"], 3)
     return figures
 
 
