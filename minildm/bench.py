@@ -316,24 +316,32 @@ def stage_figures(name: str, profile_name: str, device: str) -> dict:
         batch = send_to_device(batch, device)
         train_cfg = getattr(profile, f"{name}_train")
         precision = resolve_precision(train_cfg.mixed_precision, "cuda" if device.startswith("cuda") else "cpu")
-        dtype = torch.bfloat16 if precision == "bf16" else None
-        step = training_step_fn(task, batch, device, dtype)
+        other = "no" if precision == "bf16" else "bf16"
+        steps = {p: training_step_fn(task, batch, device, torch.bfloat16 if p == "bf16" else None)
+                 for p in (precision, other)}
 
-        def timed():
-            step()
+        def timed(p):
+            steps[p]()
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
-        seconds = {precision: _median_time(timed, STEPS_TIMED, 1)}
-        figures["train_images_per_s"] = round(train_cfg.batch_size / seconds[precision], 1)
-        figures["batch_size"] = train_cfg.batch_size
-        figures["mixed_precision"] = precision
+        timed(precision)  # warm-up, then the memory reading: the precision the stage trains in alone
     figures["peak_memory_mb"] = (round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.startswith("cuda")
                                  else peak_resident_mb())
-    if name != "none":  # then the other precision, after the memory reading: whether "auto" chose well
-        other = "no" if precision == "bf16" else "bf16"
-        step = training_step_fn(task, batch, device, torch.bfloat16 if other == "bf16" else None)
-        seconds[other] = _median_time(timed, STEPS_TIMED, 1)
-        figures["bf16_speedup"] = round(seconds["no"] / seconds["bf16"], 3)
+    if name != "none":
+        # then both precisions in alternating rounds (whichever runs first in a fresh process pays
+        # for it, so back-to-back blocks would favour the second): whether "auto" chose well
+        timed(other)
+        seconds = {precision: [], other: []}
+        for round_ in range(STEPS_TIMED):
+            for p in (precision, other) if round_ % 2 == 0 else (other, precision):
+                started = time.perf_counter()
+                timed(p)
+                seconds[p].append(time.perf_counter() - started)
+        median = {p: statistics.median(times) for p, times in seconds.items()}
+        figures["train_images_per_s"] = round(train_cfg.batch_size / median[precision], 1)
+        figures["batch_size"] = train_cfg.batch_size
+        figures["mixed_precision"] = precision
+        figures["bf16_speedup"] = round(median["no"] / median["bf16"], 3)
     return figures
 
 
