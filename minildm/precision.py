@@ -8,10 +8,14 @@ training steps at the ``cpu`` profile's sizes (``data/measurements/``):
 * a 2-core Xeon **with AMX** (Advanced Matrix Extensions: bf16 matrix tiles) multiplies 2048²
   bf16 matrices at 1700–2000 GFLOP/s, and its judge, autoencoder and LDM steps ran 1.93×, 1.77×
   and 1.30× faster under bf16 autocast;
-* a 2-core Xeon **without AMX** (AVX-512 with its BF16 dot-product instructions) reached 144
-  GFLOP/s in bf16 against 248 in fp32, and the same steps ran 0.62×, 0.80× and 0.81× as fast:
-  slower, because every weight is cast to bf16 at every use and the products gain nothing;
-* a CUDA GPU with bf16 support (compute capability 8.0 and up: A100, H100) gains from it.
+* a 2-core Xeon **without AMX** (AVX-512 with its BF16 dot-product instructions,
+  ``bench_cpu_no_amx.json``) multiplied them at 163 GFLOP/s in bf16 against 320 in fp32, and the
+  same steps ran 0.85×, 0.86× and 0.85× as fast under bf16, guided sampling 0.95×: the bf16
+  products are no faster there, and autocast adds a cast of every weight at every use. The one
+  exception measured is the pixel baseline's step (1.40×), on 32×32 feature maps where the latent
+  UNet has 8×8; why bf16 pays there was not traced;
+* a CUDA GPU with bf16 support (compute capability 8.0 and up: A100, H100) gets bf16, the usual
+  setting for diffusion training on such GPUs (not yet measured here: no GPU has been lent).
 
 So a profile may ask for ``mixed_precision="auto"`` and :func:`resolve` picks ``"bf16"`` on a
 CUDA GPU that supports it and on a CPU with AMX, ``"no"`` (fp32) otherwise. The choice depends on
