@@ -63,13 +63,13 @@ def resolve(mixed_precision: str, device_type: str) -> str:
     return "bf16" if bf16_is_faster(device_type) else "no"
 
 
-_forced_cpu_sampling: list[bool] = []  # set by cpu_sampling_in_bf16, for `minildm bench`
+_forced_cpu_sampling: bool | None = None  # set by cpu_sampling_in_bf16, for `minildm bench`
 
 
 def sampling_autocast(device: torch.device):
     """The autocast context the UNet samples in: bf16 on a CPU where :func:`bf16_is_faster`, else
     none (fp32). Outputs are cast back with ``.float()`` by the caller."""
-    in_bf16 = _forced_cpu_sampling[-1] if _forced_cpu_sampling else bf16_is_faster("cpu")
+    in_bf16 = bf16_is_faster("cpu") if _forced_cpu_sampling is None else _forced_cpu_sampling
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cpu" and in_bf16)
 
 
@@ -77,8 +77,9 @@ def sampling_autocast(device: torch.device):
 def cpu_sampling_in_bf16(in_bf16: bool):
     """Within this block the CPU samples in bf16 (True) or fp32 (False) whatever the machine has:
     how ``minildm bench`` times one against the other."""
-    _forced_cpu_sampling.append(in_bf16)
+    global _forced_cpu_sampling
+    before, _forced_cpu_sampling = _forced_cpu_sampling, in_bf16
     try:
         yield
     finally:
-        _forced_cpu_sampling.pop()
+        _forced_cpu_sampling = before

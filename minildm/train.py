@@ -392,8 +392,7 @@ def _make_accelerator(cfg: TrainConfig, device: str | None) -> Accelerator:
         raise UserError("device cuda asked for, but torch sees no CUDA GPU; use --device cpu")
     if cfg.mixed_precision == "fp16" and (device == "cpu" or not torch.cuda.is_available()):
         raise UserError("mixed precision fp16 needs a CUDA GPU; use bf16, auto or no on the CPU")
-    on_gpu = device == "cuda" or (device is None and torch.cuda.is_available())
-    precision = resolve_precision(cfg.mixed_precision, "cuda" if on_gpu else "cpu")
+    precision = resolve_precision(cfg.mixed_precision, device or ("cuda" if torch.cuda.is_available() else "cpu"))
     # Accelerate keeps its settings in process-wide state, and refuses a second Accelerator with
     # other settings; a notebook that trains one stage in bf16 and the next in fp32 needs it
     # afresh. Under torchrun the process group (the "partial state") is kept.
