@@ -9,10 +9,10 @@ training steps at the ``cpu`` profile's sizes (``data/measurements/``):
   bf16 matrices at 1700–2000 GFLOP/s, and its judge, autoencoder and LDM steps ran 1.93×, 1.77×
   and 1.30× faster under bf16 autocast;
 * a 2-core Xeon **without AMX** (AVX-512 with its BF16 dot-product instructions,
-  ``bench_cpu_no_amx.json``) multiplied them at 163 GFLOP/s in bf16 against 320 in fp32, and the
-  same steps ran 0.85×, 0.86× and 0.85× as fast under bf16, guided sampling 0.95×: the bf16
+  ``bench_cpu_no_amx.json``) multiplied them at 166 GFLOP/s in bf16 against 325 in fp32, and the
+  same steps ran 0.96×, 0.85× and 0.79× as fast under bf16, guided sampling 0.90×: the bf16
   products are no faster there, and autocast adds a cast of every weight at every use. The one
-  exception measured is the pixel baseline's step (1.40×), on 32×32 feature maps where the latent
+  exception measured is the pixel baseline's step (1.55×), on 32×32 feature maps where the latent
   UNet has 8×8; why bf16 pays there was not traced;
 * a CUDA GPU with bf16 support (compute capability 8.0 and up: A100, H100) gets bf16, the usual
   setting for diffusion training on such GPUs (not yet measured here: no GPU has been lent).
