@@ -27,7 +27,10 @@ a fact about the code. Each timing is the median of several repeats after a warm
   on this device: how much of the machine a small UNet can use.
 * ``bf16_is_faster`` — :func:`minildm.precision.bf16_is_faster`: whether a profile's
   ``mixed_precision="auto"`` trains (and the CPU samples) in bf16 on this device; on a CPU that
-  is whether it has AMX tiles. ``matmul_gflop_per_s_fp32`` beside the bf16 rate shows why.
+  is whether it has AMX tiles, or is AMD's with AVX-512 BF16. ``matmul_gflop_per_s_fp32`` beside
+  the bf16 rate shows why.
+  ``bf16_is_native`` — :func:`minildm.precision.bf16_is_native`: the same for
+  ``"auto-native"`` (the pixel baseline's request), which also counts AVX-512 BF16.
 * ``stages`` — each stage's training throughput (images/s, the profile's batch and the precision
   it resolves to), its step in fp32 over bf16 autocast (``bf16_speedup``), and
   the peak memory of a process that does nothing but build the stage and train it for a few
@@ -54,7 +57,7 @@ import torch
 from accelerate.utils import send_to_device
 
 from minildm.config import get_profile
-from minildm.precision import bf16_is_faster, cpu_sampling_in_bf16, resolve as resolve_precision
+from minildm.precision import bf16_is_faster, bf16_is_native, cpu_sampling_in_bf16, resolve as resolve_precision
 
 
 def _median_time(fn, repeats: int = 5, warmup: int = 2) -> float:
@@ -154,6 +157,7 @@ def run_bench(profile_name: str = "cpu", device: str | None = None) -> dict:
         "matmul_gflop_per_s_bf16": round(matmul_flops_per_s / 1e9, 1),
         "matmul_gflop_per_s_fp32": round(matmul_fp32_flops_per_s / 1e9, 1),
         "bf16_is_faster": bf16_is_faster(torch.device(device).type),
+        "bf16_is_native": bf16_is_native(torch.device(device).type),
         "ldm_step_flops_share_of_matmul_peak": round(unet_flops / unet_ours / matmul_flops_per_s, 3),
         "stages": {name: stage_figures_in_subprocess(name, profile.name, device) for name in THROUGHPUT_STAGES},
         "baseline_process_mb": stage_figures_in_subprocess("none", profile.name, device)["peak_memory_mb"],

@@ -3,64 +3,113 @@
 Mixed precision (bf16 autocast: matrix products and convolutions in bfloat16, the weights and the
 optimiser in fp32) is a speed trick, not part of any of the three papers. Whether it pays depends
 on the hardware, and on a CPU it can cost instead of save. Measured with ``minildm bench``'s
-training steps at the ``cpu`` profile's sizes (``data/measurements/``):
+training steps at the ``cpu`` profile's sizes (``data/measurements/``), on three kinds of 2-core
+machine:
 
-* a 2-core Xeon **with AMX** (Advanced Matrix Extensions: bf16 matrix tiles) multiplies 2048²
-  bf16 matrices at 1700–2000 GFLOP/s, and its judge, autoencoder and LDM steps ran 1.93×, 1.77×
-  and 1.30× faster under bf16 autocast;
-* a 2-core Xeon **without AMX** (AVX-512 with its BF16 dot-product instructions,
-  ``bench_cpu_no_amx.json``) multiplied them at 166 GFLOP/s in bf16 against 325 in fp32, and the
-  same steps ran 0.96×, 0.85× and 0.79× as fast under bf16, guided sampling 0.90×: the bf16
-  products are no faster there, and autocast adds a cast of every weight at every use. The one
-  exception measured is the pixel baseline's step (1.55×), on 32×32 feature maps where the latent
-  UNet has 8×8; why bf16 pays there was not traced;
+* an Intel Xeon **with AMX** (Advanced Matrix Extensions: bf16 matrix tiles; ``bench_cpu.json``)
+  multiplies 2048² bf16 matrices at 1700–2000 GFLOP/s, and its judge, autoencoder and LDM steps
+  ran 1.93×, 1.77× and 1.30× faster under bf16 autocast;
+* an Intel Xeon **without AMX** but with AVX-512 BF16 dot products (``bench_cpu_no_amx.json``)
+  multiplied them at 166 GFLOP/s in bf16 against 325 in fp32, and the same steps ran 0.96×,
+  0.85× and 0.79× as fast under bf16, guided sampling 0.90×: the bf16 products are no faster
+  there, and autocast adds a cast of every weight at every use. The one exception measured is
+  the pixel baseline's step (1.55×, 1.40× and 1.30× in three bench runs), on 32×32 feature maps
+  where the latent UNet has 8×8; why was not traced (its activations are the course's largest);
+* an **AMD EPYC of the Zen 4 generation** (AVX-512 BF16, no AMX; ``bench_cpu_amd_zen4.json``)
+  multiplied them at 397 GFLOP/s in bf16 against 166 in fp32 — the reverse of the Intel chip with
+  the same instructions — and every stage's step ran 1.35–2.9× faster under bf16 (judge 2.36×,
+  autoencoder 2.08×, LDM 1.66×, pixel 2.92×), guided sampling 1.24×;
 * a CUDA GPU with bf16 support (compute capability 8.0 and up: A100, H100) gets bf16, the usual
   setting for diffusion training on such GPUs (not yet measured here: no GPU has been lent).
 
-So a profile may ask for ``mixed_precision="auto"`` and :func:`resolve` picks ``"bf16"`` on a
-CUDA GPU that supports it and on a CPU with AMX, ``"no"`` (fp32) otherwise. The choice depends on
-the machine, never on a timing, so it is the same at every call; the card of a run records it
-(``mixed_precision``) beside the profile's request (``train.mixed_precision``). bf16 and fp32 runs
-of one seed are two different draws, as runs on different thread counts are.
+The instruction set alone does not tell the two AVX-512 BF16 machines apart, so the rule names
+the vendor too. A profile may ask for one of two automatic choices, which :func:`resolve` turns
+into ``"bf16"`` or ``"no"`` (fp32):
 
-Sampling follows the same rule (:func:`sampling_autocast`): on the CPU the UNet samples under bf16
-autocast where AMX makes that faster; on a GPU, and on a CPU without AMX, in fp32.
+* ``"auto"`` — bf16 on a CUDA GPU that supports it, on a CPU with AMX, and on an AMD CPU with
+  AVX-512 BF16; fp32 elsewhere: every stage of the ``cpu`` profile but one;
+* ``"auto-native"`` — bf16 also on any other CPU with AVX-512 BF16 (the Intel one without AMX):
+  the pixel baseline, the one stage measured faster in bf16 there.
+
+A CPU with no bf16 arithmetic of its own (no AVX-512 BF16: most laptops before 2023, and any CPU
+not yet measured) gets fp32 from both. The choice depends on the machine, never on a timing, so it
+is the same at every call; the card of a run records it (``mixed_precision``) beside the profile's
+request (``train.mixed_precision``). bf16 and fp32 runs of one seed are two different draws, as
+runs on different thread counts are.
+
+Sampling follows ``"auto"``'s rule (:func:`sampling_autocast`): on the CPU the UNet samples under
+bf16 autocast where that rule says bf16 is faster; on a GPU, and on other CPUs, in fp32.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import platform
+from pathlib import Path
 
 import torch
 
 AUTO = "auto"
-MIXED_PRECISIONS = ("no", "bf16", "fp16", AUTO)
+AUTO_NATIVE = "auto-native"
+MIXED_PRECISIONS = ("no", "bf16", "fp16", AUTO, AUTO_NATIVE)
 
 
-@functools.cache
-def cpu_has_bf16_tiles() -> bool:
-    """Whether this CPU has AMX bf16 tiles (and the OS lets torch use them)."""
-    is_supported = getattr(torch.cpu, "_is_amx_tile_supported", None)
+def _torch_cpu_probe(name: str) -> bool:
+    """torch's own answer to ``torch.cpu.<name>()``; False where this torch has no such probe."""
+    is_supported = getattr(torch.cpu, name, None)
     try:
         return bool(is_supported()) if is_supported is not None else False
     except RuntimeError:
         return False
 
 
+@functools.cache
+def cpu_has_bf16_tiles() -> bool:
+    """Whether this CPU has AMX bf16 tiles (and the OS lets torch use them)."""
+    return _torch_cpu_probe("_is_amx_tile_supported")
+
+
+@functools.cache
+def cpu_has_bf16_dot_products() -> bool:
+    """Whether this CPU has AVX-512 BF16 (``vdpbf16ps``: bf16 dot products into fp32)."""
+    return _torch_cpu_probe("_is_avx512_bf16_supported")
+
+
+@functools.cache
+def cpu_is_amd() -> bool:
+    """Whether this CPU is AMD's: Linux's ``/proc/cpuinfo`` says ``AuthenticAMD``, or (Windows)
+    ``platform.processor()`` does."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        cpuinfo = ""
+    return "AuthenticAMD" in cpuinfo or "AuthenticAMD" in platform.processor()
+
+
 def bf16_is_faster(device_type: str) -> bool:
-    """Whether bf16 autocast speeds up training and sampling on ``device_type`` ("cpu" or "cuda")."""
+    """Whether bf16 autocast speeds up training and sampling on ``device_type`` ("cpu" or "cuda"):
+    a CUDA GPU with bf16; a CPU with AMX tiles, or an AMD one with AVX-512 BF16 (module docstring)."""
     if device_type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return cpu_has_bf16_tiles()
+    return cpu_has_bf16_tiles() or cpu_is_amd() and cpu_has_bf16_dot_products()
+
+
+def bf16_is_native(device_type: str) -> bool:
+    """Whether ``device_type`` computes bf16 products in hardware: :func:`bf16_is_faster`, or any
+    CPU with AVX-512 BF16 dot products."""
+    return bf16_is_faster(device_type) or device_type == "cpu" and cpu_has_bf16_dot_products()
 
 
 def resolve(mixed_precision: str, device_type: str) -> str:
     """The precision a run with ``mixed_precision`` computes in on ``device_type``: ``"auto"`` becomes
-    ``"bf16"`` where :func:`bf16_is_faster`, else ``"no"``; anything else is returned as asked."""
-    if mixed_precision != AUTO:
-        return mixed_precision
-    return "bf16" if bf16_is_faster(device_type) else "no"
+    ``"bf16"`` where :func:`bf16_is_faster`, ``"auto-native"`` where :func:`bf16_is_native`, else
+    ``"no"``; anything else is returned as asked."""
+    if mixed_precision == AUTO:
+        return "bf16" if bf16_is_faster(device_type) else "no"
+    if mixed_precision == AUTO_NATIVE:
+        return "bf16" if bf16_is_native(device_type) else "no"
+    return mixed_precision
 
 
 _forced_cpu_sampling: bool | None = None  # set by cpu_sampling_in_bf16, for `minildm bench`

@@ -98,6 +98,7 @@ def test_bench_reports_ratios(capsys):
         assert figures[ratio] > 0, ratio
     assert figures["ldm_step_gflop"] > 0 and figures["matmul_gflop_per_s_bf16"] > 0
     assert figures["matmul_gflop_per_s_fp32"] > 0 and isinstance(figures["bf16_is_faster"], bool)
+    assert figures["bf16_is_native"] >= figures["bf16_is_faster"], "auto-native gives bf16 wherever auto does"
     assert set(figures["stages"]) == {"judge", "ae", "clip", "ldm", "pixel", "add"}
     for name, stage in figures["stages"].items():
         assert stage["train_images_per_s"] > 0 and stage["batch_size"] > 0, name

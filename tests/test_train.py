@@ -166,7 +166,7 @@ def test_bad_runs_are_one_line_user_errors(tmp_path):
     (tmp_path / "a_file").write_text("")
     with pytest.raises(UserError, match="cannot write to --out"):
         _train(ToyTask(), tmp_path / "a_file" / "run")
-    with pytest.raises(UserError, match="choose one of: no, bf16, fp16, auto"):
+    with pytest.raises(UserError, match="choose one of: no, bf16, fp16, auto, auto-native"):
         _train(ToyTask(), tmp_path / "x", TrainConfig(mixed_precision="fp32"))
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="fp16 needs a CUDA GPU"):
