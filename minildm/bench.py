@@ -1,7 +1,8 @@
 """``minildm bench`` — speed figures, as ratios of timings taken in one run on one machine.
 
 Absolute timings on shared machines are noise; a ratio of two timings taken back to back is
-a fact about the code. Each timing is the median of several repeats after a warm-up.
+a fact about the code. Each timing is the median of several repeats after a warm-up, and the two
+sides of a ratio are timed in alternating rounds (:func:`alternating_median_times`).
 
 * ``<stage>_step_bf16_speedup`` — a training step of the stage (the profile's sizes) in fp32
   over the same step under bf16 autocast: whether mixed precision pays on this device. The
@@ -51,6 +52,7 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -69,6 +71,24 @@ def _median_time(fn, repeats: int = 5, warmup: int = 2) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def alternating_median_times(fns: dict, rounds: int = 5, warmup: int = 2) -> dict:
+    """{name: median seconds} of the callables ``fns``, after ``warmup`` calls of each, timed in
+    ``rounds`` rounds that alternate their order (A B, B A, A B …). Every ratio of two timings
+    in this module is taken this way: timed in blocks one after the other, whichever ran first in
+    a fresh process read slower (CLIP's bf16 speedup read 1.29 that way and 0.85 alternated)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    seconds = {name: [] for name in fns}
+    order = list(fns)
+    for round_ in range(rounds):
+        for name in order if round_ % 2 == 0 else order[::-1]:
+            start = time.perf_counter()
+            fns[name]()
+            seconds[name].append(time.perf_counter() - start)
+    return {name: statistics.median(times) for name, times in seconds.items()}
 
 
 def training_step_fn(task, batch, device_type: str, dtype: torch.dtype | None):
@@ -95,9 +115,10 @@ def training_step_fn(task, batch, device_type: str, dtype: torch.dtype | None):
 
 
 def _speedup(task, batch, device: str) -> tuple[float, float]:
-    t_fp32 = _median_time(training_step_fn(task, batch, device, None))
-    t_bf16 = _median_time(training_step_fn(task, batch, device, torch.bfloat16))
-    return t_fp32, t_bf16
+    """Median seconds of the task's training step in fp32 and under bf16 autocast."""
+    times = alternating_median_times({"fp32": training_step_fn(task, batch, device, None),
+                                      "bf16": training_step_fn(task, batch, device, torch.bfloat16)})
+    return times["fp32"], times["bf16"]
 
 
 def run_bench(profile_name: str = "cpu", device: str | None = None) -> dict:
@@ -130,8 +151,7 @@ def run_bench(profile_name: str = "cpu", device: str | None = None) -> dict:
 
     unet_ours, unet_diffusers, unet_params, unet_fp32, unet_flops = _unet_step_times(profile, device)
     attention_sdpa, attention_explicit = _attention_times(profile, device)
-    matmul_flops_per_s = matmul_rate(device, torch.bfloat16)
-    matmul_fp32_flops_per_s = matmul_rate(device, torch.float32)
+    matmul_flops_per_s, matmul_fp32_flops_per_s = matmul_rates(device, (torch.bfloat16, torch.float32))
     sampling = _sampling_speedups(device, profile)
 
     return {
@@ -202,16 +222,19 @@ def _unet_step_times(profile, device: str):
 
     ours = UNet(cfg).to(device)
     forward = lambda m: m(x, t, {"context": context})  # noqa: E731
-    t_ours = _median_time(step_fn(ours, forward), repeats=3)
-    t_fp32 = _median_time(step_fn(ours, forward, None), repeats=3)
+    steps = {"ours": step_fn(ours, forward), "ours_fp32": step_fn(ours, forward, None)}
     flops = training_step_flops(ours, forward)
     try:
         theirs = matched_diffusers_unet(cfg).to(device)
     except ImportError:
-        return t_ours, None, None, t_fp32, flops
-    t_theirs = _median_time(step_fn(theirs, lambda m: m(x, t, encoder_hidden_states=context).sample), repeats=3)
+        theirs = None
+    else:
+        steps["theirs"] = step_fn(theirs, lambda m: m(x, t, encoder_hidden_states=context).sample)
+    times = alternating_median_times(steps, rounds=3)
+    if theirs is None:
+        return times["ours"], None, None, times["ours_fp32"], flops
     params = [sum(p.numel() for p in m.parameters()) for m in (ours, theirs)]
-    return t_ours, t_theirs, params, t_fp32, flops
+    return times["ours"], times["theirs"], params, times["ours_fp32"], flops
 
 
 def training_step_flops(model, forward) -> int:
@@ -225,16 +248,20 @@ def training_step_flops(model, forward) -> int:
     return counter.get_total_flops()
 
 
-def matmul_rate(device: str, dtype: torch.dtype, size: int = 2048) -> float:
-    """FLOP/s of one ``size``×``size`` matrix multiply in ``dtype``: this device's practical peak."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
+def matmul_rates(device: str, dtypes: tuple[torch.dtype, ...], size: int = 2048) -> list[float]:
+    """FLOP/s of one ``size``×``size`` matrix multiply in each of ``dtypes`` (timed in alternating
+    rounds): this device's practical peak in each."""
+    def product(dtype):
+        a = torch.randn(size, size, device=device, dtype=dtype)
+        b = torch.randn(size, size, device=device, dtype=dtype)
 
-    def run():
-        a @ b
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-    return 2 * size**3 / _median_time(run)
+        def run():
+            a @ b
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+        return run
+    times = alternating_median_times({dtype: product(dtype) for dtype in dtypes})
+    return [2 * size**3 / times[dtype] for dtype in dtypes]
 
 
 def _sampling_speedups(device: str, profile) -> dict:
@@ -333,16 +360,10 @@ def stage_figures(name: str, profile_name: str, device: str) -> dict:
     figures["peak_memory_mb"] = (round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.startswith("cuda")
                                  else peak_resident_mb())
     if name != "none":
-        # then both precisions in alternating rounds (whichever runs first in a fresh process pays
-        # for it, so back-to-back blocks would favour the second): whether "auto" chose well
+        # then both precisions in alternating rounds: whether "auto" chose well
         timed(other)
-        seconds = {precision: [], other: []}
-        for round_ in range(STEPS_TIMED):
-            for p in (precision, other) if round_ % 2 == 0 else (other, precision):
-                started = time.perf_counter()
-                timed(p)
-                seconds[p].append(time.perf_counter() - started)
-        median = {p: statistics.median(times) for p, times in seconds.items()}
+        median = alternating_median_times({p: partial(timed, p) for p in (precision, other)},
+                                          rounds=STEPS_TIMED, warmup=0)
         figures["train_images_per_s"] = round(train_cfg.batch_size / median[precision], 1)
         figures["batch_size"] = train_cfg.batch_size
         figures["mixed_precision"] = precision

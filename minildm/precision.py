@@ -16,9 +16,10 @@ machine:
   the pixel baseline's step (1.55×, 1.40× and 1.30× in three bench runs), on 32×32 feature maps
   where the latent UNet has 8×8; why was not traced (its activations are the course's largest);
 * an **AMD EPYC of the Zen 4 generation** (AVX-512 BF16, no AMX; ``bench_cpu_amd_zen4.json``)
-  multiplied them at 397 GFLOP/s in bf16 against 166 in fp32 — the reverse of the Intel chip with
-  the same instructions — and every stage's step ran 1.35–2.9× faster under bf16 (judge 2.36×,
-  autoencoder 2.08×, LDM 1.66×, pixel 2.92×), guided sampling 1.24×;
+  multiplied them at 209 GFLOP/s in bf16 against 154 in fp32 — the reverse of the Intel chip with
+  the same instructions — and every stage's step ran faster under bf16, timed in alternating
+  rounds: judge 2.41×, autoencoder 1.90×, CLIP 1.63×, LDM 1.68×, pixel 2.77×, ADD 1.36×; guided
+  sampling 1.09×;
 * a CUDA GPU with bf16 support (compute capability 8.0 and up: A100, H100) gets bf16, the usual
   setting for diffusion training on such GPUs (not yet measured here: no GPU has been lent).
 

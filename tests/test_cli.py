@@ -85,6 +85,16 @@ def test_sample_mistakes_are_one_line(tmp_path):
                                                "--out", str(tmp_path / "x.png")))
 
 
+def test_bench_times_the_two_sides_of_a_ratio_in_alternating_rounds():
+    from minildm.bench import alternating_median_times
+
+    calls = []
+    times = alternating_median_times({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                                     rounds=3, warmup=1)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"], "a warm-up of each, then A B, B A, A B"
+    assert set(times) == {"a", "b"} and all(seconds >= 0 for seconds in times.values())
+
+
 def test_bench_reports_ratios(capsys):
     assert main(["bench", "--profile", "smoke", "--json"]) == 0
     figures = json.loads(capsys.readouterr().out)
