@@ -342,6 +342,8 @@ def evaluate(model: Experts, n: int = 656, seed: int = EVAL_SEED, judge=None) ->
     judge = judge if judge is not None else judge_stage.load(None)[0]
     records = ldm.evaluation_prompts(n)
     categories = [r["category"] for r in records]
+    for pipeline in (model.pipeline, model.baseline):  # both warm before either is timed (images_per_second)
+        pipeline([r["prompt"] for r in records[:2]], steps=2, seed=seed)
     judged = ldm.judge_samples(model.pipeline, records, judge, seed)
     base_judged = ldm.judge_samples(model.baseline, records, judge, seed)
     experts = ldm.evaluate(model.pipeline, n, seed, judge=judge, judged=judged)
