@@ -1,8 +1,10 @@
 """``minildm bench`` — speed figures, as ratios of timings taken in one run on one machine.
 
 Absolute timings on shared machines are noise; a ratio of two timings taken back to back is
-a fact about the code. Each timing is the median of several repeats after a warm-up, and the two
-sides of a ratio are timed in alternating rounds (:func:`alternating_median_times`).
+a fact about the code. Each timing is the median of several repeats after a warm-up; the two
+sides of a training-step or matmul ratio are timed in alternating rounds
+(:func:`alternating_median_times`). The attention and the latent-against-pixel sampling ratios
+are still timed one side after the other.
 
 * ``<stage>_step_bf16_speedup`` — a training step of the stage (the profile's sizes) in fp32
   over the same step under bf16 autocast: whether mixed precision pays on this device. The
@@ -75,9 +77,9 @@ def _median_time(fn, repeats: int = 5, warmup: int = 2) -> float:
 
 def alternating_median_times(fns: dict, rounds: int = 5, warmup: int = 2) -> dict:
     """{name: median seconds} of the callables ``fns``, after ``warmup`` calls of each, timed in
-    ``rounds`` rounds that alternate their order (A B, B A, A B …). Every ratio of two timings
-    in this module is taken this way: timed in blocks one after the other, whichever ran first in
-    a fresh process read slower (CLIP's bf16 speedup read 1.29 that way and 0.85 alternated)."""
+    ``rounds`` rounds that alternate their order (A B, B A, A B …). The step and matmul ratios
+    are taken this way: timed in blocks one after the other, whichever ran first in a fresh
+    process read slower (CLIP's bf16 speedup read 1.29 that way and 0.85 alternated)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
