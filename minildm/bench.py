@@ -38,7 +38,10 @@ are still timed one side after the other.
   it resolves to), its step in fp32 over bf16 autocast (``bf16_speedup``), and
   the peak memory of a process that does nothing but build the stage and train it for a few
   steps (CPU: peak resident memory, interpreter and torch included — ``baseline_process_mb`` is a
-  process that only imports them; CUDA: peak allocated tensor memory). The experts' step is the
+  process that only imports them; CUDA: peak allocated tensor memory); ``adam_fused_speedup``,
+  the AdamW update of the stage's parameters by torch's default implementation (on the CPU a
+  loop over the tensors) over the fused one the training loop uses, and ``adam_share_of_step``,
+  the fused update's time over the whole training step's. The experts' step is the
   LDM's (on an interval of t), so it is not timed twice.
 * plus the absolute throughputs behind the ratios, for the record.
 
@@ -62,6 +65,7 @@ from accelerate.utils import send_to_device
 
 from minildm.config import get_profile
 from minildm.precision import bf16_is_faster, bf16_is_native, cpu_sampling_in_bf16, resolve as resolve_precision
+from minildm.train import adam
 
 
 def _median_time(fn, repeats: int = 5, warmup: int = 2) -> float:
@@ -95,9 +99,9 @@ def alternating_median_times(fns: dict, rounds: int = 5, warmup: int = 2) -> dic
 
 def training_step_fn(task, batch, device_type: str, dtype: torch.dtype | None):
     """One optimisation step of a task (and of its critic, if it has one), optionally under autocast."""
-    optimizer = torch.optim.AdamW(task.model.parameters(), lr=1e-5)
+    optimizer = adam(task.model.parameters(), lr=1e-5)  # the training loop's optimizer
     critic = getattr(task, "critic", None)
-    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=1e-5) if critic is not None else None
+    critic_optimizer = adam(critic.parameters(), decoupled_weight_decay=False, lr=1e-5) if critic is not None else None
 
     def step():
         with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
@@ -212,7 +216,7 @@ def _unet_step_times(profile, device: str):
     context = torch.randn(batch, 12, cfg.context_dim, device=device)
 
     def step_fn(model, forward, dtype=torch.bfloat16):
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        optimizer = adam(model.parameters(), lr=1e-5)
 
         def step():
             with torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None):
@@ -370,7 +374,30 @@ def stage_figures(name: str, profile_name: str, device: str) -> dict:
         figures["batch_size"] = train_cfg.batch_size
         figures["mixed_precision"] = precision
         figures["bf16_speedup"] = round(median["no"] / median["bf16"], 3)
+        adam_times = adam_step_times([p for p in task.model.parameters() if p.requires_grad], device)
+        figures["adam_fused_speedup"] = round(adam_times["default"] / adam_times["fused"], 2)
+        figures["adam_share_of_step"] = round(adam_times["fused"] / median[precision], 3)
     return figures
+
+
+def adam_step_times(parameters: list[torch.Tensor], device: str, rounds: int = 9) -> dict[str, float]:
+    """Median seconds of one AdamW update of ``parameters`` (with random gradients) by torch's
+    default implementation on this device (``"default"``: on the CPU a Python loop over the
+    tensors, on CUDA the ``foreach`` kernels) and by the fused one that :func:`minildm.train.adam` uses. The parameters are copied first,
+    so the model is left as it was."""
+    copies = [p.detach().clone().requires_grad_(True) for p in parameters]
+    for copy in copies:
+        copy.grad = torch.randn_like(copy)
+    optimizers = {"default": torch.optim.AdamW(copies, lr=1e-5),
+                  "fused": adam(copies, lr=1e-5)}
+
+    def timed(name):
+        def run():
+            optimizers[name].step()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+        return run
+    return alternating_median_times({name: timed(name) for name in optimizers}, rounds=rounds)
 
 
 def peak_resident_mb() -> float | None:

@@ -143,6 +143,21 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step) * 1009 + rank
 
 
+def adam(params, *, decoupled_weight_decay: bool = True, **settings) -> torch.optim.Optimizer:
+    """AdamW (or, with ``decoupled_weight_decay=False``, plain Adam) with torch's **fused** update.
+
+    The update is Loshchilov and Hutter's AdamW, the same formula whichever implementation runs
+    it. torch's default on the CPU is a Python loop over the parameter tensors, one small kernel
+    per moment per tensor; the fused one updates every tensor in one kernel. At the ``cpu``
+    profile's sizes that took the optimizer step from 16.4 to 4.9 ms for the LDM's 376 tensors
+    and from 10.5 to 2.0 ms for the judge's (``minildm bench``: ``adam_fused_speedup``), a few
+    per cent of a whole training step. The two round differently in the last bits, so a run
+    made before this change is a different draw from one made after it.
+    """
+    optimizer = torch.optim.AdamW if decoupled_weight_decay else torch.optim.Adam
+    return optimizer(params, fused=True, **settings)
+
+
 def ema_with_warmup(decay: float):
     """An ``AveragedModel`` update: ``ema ← d·ema + (1 − d)·weights`` with a warm-up decay
     ``d = min(decay, (1 + n) / (10 + n))``, where ``n`` counts the updates so far.
@@ -154,8 +169,8 @@ def ema_with_warmup(decay: float):
     def update(ema_params: list[torch.Tensor], params: list[torch.Tensor], num_averaged) -> None:
         n = int(num_averaged)
         d = min(decay, (1 + n) / (10 + n))
-        for ema_param, param in zip(ema_params, params):
-            ema_param.lerp_(param, 1.0 - d)
+        # ema_param.lerp_(param, 1 − d) for every pair, in one call rather than a Python loop
+        torch._foreach_lerp_(ema_params, params, 1.0 - d)
 
     return update
 
@@ -194,13 +209,14 @@ def train(task: TrainingTask, cfg: TrainConfig, out_dir: str | Path, *, resume: 
 
     model = task.model.to(accelerator.device)
     ema = AveragedModel(model, multi_avg_fn=ema_with_warmup(cfg.ema_decay))  # before prepare()
-    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.lr, getattr(task, "lr_scales", None)),
-                                  lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    optimizer = adam(parameter_groups(model, cfg.lr, getattr(task, "lr_scales", None)),
+                     lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     critic = getattr(task, "critic", None)
     critic_optimizer = None
     if critic is not None:
         critic = critic.to(accelerator.device)
-        critic_optimizer = torch.optim.Adam(critic.parameters(), lr=task.critic_lr, betas=task.critic_betas)
+        critic_optimizer = adam(critic.parameters(), decoupled_weight_decay=False, lr=task.critic_lr,
+                                betas=task.critic_betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_multiplier, cfg=cfg))
     history: dict[str, list[float]] = {"loss": []}
     measured: list = []  # [step, training seconds, figures] from task.progress_eval

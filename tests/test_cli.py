@@ -114,6 +114,7 @@ def test_bench_reports_ratios(capsys):
         assert stage["train_images_per_s"] > 0 and stage["batch_size"] > 0, name
         assert stage["mixed_precision"] in ("no", "bf16") and stage["bf16_speedup"] > 0, name
         assert stage["peak_memory_mb"] > figures["baseline_process_mb"] > 0, f"{name}: measured in a process of its own"
+        assert stage["adam_fused_speedup"] > 0 and 0 < stage["adam_share_of_step"] < 1, name
 
 
 def test_course_runs_the_built_stages_and_writes_a_report(tmp_path, capsys):

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from safetensors.torch import load_file
 
 from minildm.config import TrainConfig
 from minildm.errors import UserError
-from minildm.train import ema_with_warmup, load_trained, loss_curve, lr_multiplier, parameter_groups, train
+from minildm.train import adam, ema_with_warmup, load_trained, loss_curve, lr_multiplier, parameter_groups, train
 
 TESTS = Path(__file__).resolve().parent
 _spec = importlib.util.spec_from_file_location("_toy_distributed", TESTS / "_toy_distributed.py")
@@ -140,6 +141,29 @@ def test_schedule_and_ema_warmup():
     ema, weights = [torch.zeros(2)], [torch.ones(2)]
     ema_with_warmup(0.999)(ema, weights, torch.tensor(1))  # first average: decay 2/11
     assert torch.allclose(ema[0], torch.full((2,), 9 / 11))
+
+
+@pytest.mark.parametrize("decoupled", [True, False])
+def test_the_fused_adam_update_is_torchs_default_one(decoupled):
+    """minildm's optimizer runs torch's fused kernel; the update is the same AdamW (or Adam)."""
+    torch.manual_seed(0)
+    weights = [torch.randn(5, 3), torch.randn(7)]
+    grads = [[torch.randn_like(w) for w in weights] for _ in range(4)]
+    settings = dict(lr=1e-2, betas=(0.5, 0.9), weight_decay=0.1)
+    runs = {}
+    for name, make in {"fused": partial(adam, decoupled_weight_decay=decoupled),
+                       "default": torch.optim.AdamW if decoupled else torch.optim.Adam}.items():
+        params = [w.clone().requires_grad_(True) for w in weights]
+        optimizer = make(params, **settings)
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone()
+            optimizer.step()
+        runs[name] = params
+        assert bool(optimizer.defaults["fused"]) == (name == "fused")
+    for fused, default in zip(runs["fused"], runs["default"]):
+        assert torch.allclose(fused, default, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(runs["fused"][0], weights[0]), "the weights moved"
 
 
 def test_bf16_autocast_on_cpu(tmp_path):
