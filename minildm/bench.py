@@ -2,9 +2,8 @@
 
 Absolute timings on shared machines are noise; a ratio of two timings taken back to back is
 a fact about the code. Each timing is the median of several repeats after a warm-up; the two
-sides of a training-step or matmul ratio are timed in alternating rounds
-(:func:`alternating_median_times`). The attention and the latent-against-pixel sampling ratios
-are still timed one side after the other.
+sides of a training-step, matmul or sampling ratio are timed in alternating rounds
+(:func:`alternating_median_times`). The attention ratio is still timed one side after the other.
 
 * ``<stage>_step_bf16_speedup`` — a training step of the stage (the profile's sizes) in fp32
   over the same step under bf16 autocast: whether mixed precision pays on this device. The
@@ -51,6 +50,7 @@ says; the training figures use the profile's sizes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import statistics
@@ -81,9 +81,9 @@ def _median_time(fn, repeats: int = 5, warmup: int = 2) -> float:
 
 def alternating_median_times(fns: dict, rounds: int = 5, warmup: int = 2) -> dict:
     """{name: median seconds} of the callables ``fns``, after ``warmup`` calls of each, timed in
-    ``rounds`` rounds that alternate their order (A B, B A, A B …). The step and matmul ratios
-    are taken this way: timed in blocks one after the other, whichever ran first in a fresh
-    process read slower (CLIP's bf16 speedup read 1.29 that way and 0.85 alternated)."""
+    ``rounds`` rounds that alternate their order (A B, B A, A B …). The step, matmul and
+    sampling ratios are taken this way: timed in blocks one after the other, whichever ran first
+    in a fresh process read slower (CLIP's bf16 speedup read 1.29 that way and 0.85 alternated)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -278,21 +278,34 @@ def _sampling_speedups(device: str, profile) -> dict:
     batch = 16 if profile.name == "smoke" else 64
     prompts = [record["prompt"] for record in ldm.evaluation_prompts(batch)]
     steps = 5 if profile.name == "smoke" else 50
-    seconds, pipelines = {}, {}
+    pipelines = {}
     for name, stage in (("latent", ldm), ("pixel", pixel)):
         pipeline = pipelines[name] = stage.load(None)[0]
         pipeline.unet.to(device)
         if pipeline.autoencoder is not None:
             pipeline.autoencoder.to(device)
-        pipeline(prompts[:2], steps=2)  # warm-up
-        seconds[name] = _median_time(lambda: pipeline(prompts, steps=steps), repeats=1, warmup=0)
-    sampling_bf16_speedup = None
+    in_bf16 = bf16_is_faster("cpu")
+
+    def sampling(name: str, count: int, steps: int, other_precision: bool = False):
+        """Sampling ``count`` prompts in ``steps`` steps with pipeline ``name``; with
+        ``other_precision`` (CPU), in the precision this machine does not pick."""
+        def run():
+            with cpu_sampling_in_bf16(not in_bf16) if other_precision else contextlib.nullcontext():
+                pipelines[name](prompts[:count], steps=steps)
+        return run
+
+    runs = {"latent": ("latent", False), "pixel": ("pixel", False)}
     if device == "cpu":  # the latent sampling again, in the precision this machine does not pick
-        in_bf16, latent = bf16_is_faster("cpu"), pipelines["latent"]
-        with cpu_sampling_in_bf16(not in_bf16):
-            latent(prompts[:2], steps=2)  # warm-up
-            other = _median_time(lambda: latent(prompts, steps=steps), repeats=1, warmup=0)
-        sampling_bf16_speedup = other / seconds["latent"] if in_bf16 else seconds["latent"] / other
+        runs["latent_other_precision"] = ("latent", True)
+    for name, other in runs.values():
+        sampling(name, 2, 2, other)()  # warm-up: two prompts, two steps
+    # two rounds, A B C then C B A: whichever runs first does not read slower for it
+    seconds = alternating_median_times({key: sampling(name, batch, steps, other) for key, (name, other) in runs.items()},
+                                       rounds=2, warmup=0)
+    sampling_bf16_speedup = None
+    if device == "cpu":
+        latent, other = seconds["latent"], seconds["latent_other_precision"]
+        sampling_bf16_speedup = other / latent if in_bf16 else latent / other
     distilled, _ = add_stage.load(None)
     if profile.name == "smoke":
         distilled.teacher.cfg = dataclasses.replace(distilled.teacher.cfg, sample_steps=steps)
