@@ -396,8 +396,8 @@ def stage_figures(name: str, profile_name: str, device: str) -> dict:
 def adam_step_times(parameters: list[torch.Tensor], device: str, rounds: int = 9) -> dict[str, float]:
     """Median seconds of one AdamW update of ``parameters`` (with random gradients) by torch's
     default implementation on this device (``"default"``: on the CPU a Python loop over the
-    tensors, on CUDA the ``foreach`` kernels) and by the fused one that :func:`minildm.train.adam` uses. The parameters are copied first,
-    so the model is left as it was."""
+    tensors, on CUDA the ``foreach`` kernels) and by the fused one that :func:`minildm.train.adam`
+    uses. The parameters are copied first, so the model is left as it was."""
     copies = [p.detach().clone().requires_grad_(True) for p in parameters]
     for copy in copies:
         copy.grad = torch.randn_like(copy)
