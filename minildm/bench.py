@@ -286,21 +286,19 @@ def _sampling_speedups(device: str, profile) -> dict:
             pipeline.autoencoder.to(device)
     in_bf16 = bf16_is_faster("cpu")
 
-    def sampling(name: str, count: int, steps: int, other_precision: bool = False):
-        """Sampling ``count`` prompts in ``steps`` steps with pipeline ``name``; with
-        ``other_precision`` (CPU), in the precision this machine does not pick."""
-        def run():
-            with cpu_sampling_in_bf16(not in_bf16) if other_precision else contextlib.nullcontext():
-                pipelines[name](prompts[:count], steps=steps)
-        return run
+    def sample(name: str, other_precision: bool, count: int, n_steps: int) -> None:
+        """``count`` prompts in ``n_steps`` steps with pipeline ``name``; with ``other_precision``
+        (CPU), in the precision this machine does not pick."""
+        with cpu_sampling_in_bf16(not in_bf16) if other_precision else contextlib.nullcontext():
+            pipelines[name](prompts[:count], steps=n_steps)
 
     runs = {"latent": ("latent", False), "pixel": ("pixel", False)}
     if device == "cpu":  # the latent sampling again, in the precision this machine does not pick
         runs["latent_other_precision"] = ("latent", True)
     for name, other in runs.values():
-        sampling(name, 2, 2, other)()  # warm-up: two prompts, two steps
+        sample(name, other, 2, 2)  # warm-up: two prompts, two steps
     # two rounds, A B C then C B A: whichever runs first does not read slower for it
-    seconds = alternating_median_times({key: sampling(name, batch, steps, other) for key, (name, other) in runs.items()},
+    seconds = alternating_median_times({key: partial(sample, *run, batch, steps) for key, run in runs.items()},
                                        rounds=2, warmup=0)
     sampling_bf16_speedup = None
     if device == "cpu":

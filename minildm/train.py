@@ -150,10 +150,10 @@ def adam(params, *, decoupled_weight_decay: bool = True, **settings) -> torch.op
     it. torch's default on the CPU is a Python loop over the parameter tensors, one small kernel
     per moment per tensor; the fused one updates every tensor in one kernel. At the ``cpu``
     profile's sizes, on a 2-core AMD Zen 4 (``minildm bench``, ``stages``:
-    ``adam_fused_speedup`` and ``adam_share_of_step``), the fused update ran 3.1–4.3× as fast
-    as the default for every stage, and took 0.3–1.2% of a training step, where the default's
-    took 1.0–4.3% (the LDM's 4.3%, the pixel baseline's 1.0%): a saving of a few per cent of
-    every step. The two round differently in the last bits, so a run made before this change is
+    ``adam_fused_speedup`` and ``adam_share_of_step``; two runs in ``data/measurements/``,
+    ``bench_cpu_amd_zen4_fused_adam.json`` and ``bench_cpu_amd_zen4_alternated_sampling.json``),
+    the fused update ran 2.7–4.3× as fast as the default for every stage and took 0.3–2.3% of a
+    training step: it saves 0.7–3.8% of every step. The two round differently in the last bits, so a run made before this change is
     a different draw from one made after it.
     """
     optimizer = torch.optim.AdamW if decoupled_weight_decay else torch.optim.Adam

@@ -134,3 +134,20 @@ def test_latent_vs_pixel_reads_the_two_cards():
     assert figures["time_share_to_pixel_final_alignment"] == pytest.approx(10.0 / 60.0)  # 0.1 ≥ 0.05 at 10 s
     never = {**pixel, "progress": [[20, 60.0, {"fid": 100.0, "alignment": 0.9}]]}
     assert pixel_stage.latent_vs_pixel(latent, never)["time_share_to_pixel_final_fid"] is None
+
+
+def test_the_decoder_decodes_in_the_sampling_precision():
+    """pipeline.decode runs the decoder under the UNet's sampling autocast, and returns fp32 images."""
+    from minildm.precision import cpu_sampling_in_bf16
+
+    pipeline, _ = ldm_stage.load(None)
+    dtypes = []
+    pipeline.autoencoder.decoder.register_forward_hook(lambda module, args, output: dtypes.append(output.dtype))
+    latents = torch.randn(2, pipeline.autoencoder.cfg.z_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    images = {}
+    for in_bf16 in (True, False):
+        with cpu_sampling_in_bf16(in_bf16):
+            images[in_bf16] = pipeline.decode(latents)
+    assert dtypes == [torch.bfloat16, torch.float32]
+    assert all(im.dtype == torch.float32 and im.abs().max() <= 1 for im in images.values())
+    assert (images[True] - images[False]).abs().mean() < 0.02, "bf16 decoding is a rounding, not another image"
