@@ -24,6 +24,10 @@ sides of a training-step, matmul or sampling ratio are timed in alternating roun
   bf16 autocast, whatever :mod:`minildm.precision` would pick here: whether sampling in bf16 pays.
 * ``add_1step_vs_teacher_speedup`` — ADD's claim: the reference student's single step against its
   teacher's 50 guided steps, both decoded (``minildm.stages.add.sampling_speed``).
+* ``items_read_speedup_over_encoding`` — making the diffusion stages' item cache
+  (:mod:`minildm.stages.items`, the reference autoencoder, 1024 items) by rendering
+  and encoding the items, over reading their latents back from an items file as the experts and
+  the ADD student do from their LDM's run: what encoding once per chain saves.
 * ``ldm_step_flops_share_of_matmul_peak`` — the FLOP/s a bf16 LDM training step achieves (its
   FLOPs counted by ``torch.utils.flop_counter``) over the FLOP/s of one large bf16 matrix multiply
   on this device: how much of the machine a small UNet can use.
@@ -159,6 +163,7 @@ def run_bench(profile_name: str = "cpu", device: str | None = None) -> dict:
     attention_sdpa, attention_explicit = _attention_times(profile, device)
     matmul_flops_per_s, matmul_fp32_flops_per_s = matmul_rates(device, (torch.bfloat16, torch.float32))
     sampling = _sampling_speedups(device, profile)
+    items_encode, items_read = _item_cache_times()
 
     return {
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)",
@@ -178,6 +183,8 @@ def run_bench(profile_name: str = "cpu", device: str | None = None) -> dict:
         "attention_explicit_speed_vs_sdpa": round(attention_sdpa / attention_explicit, 3),
         "ldm_step_bf16_speedup": round(unet_fp32 / unet_ours, 3),
         **sampling,
+        "items_read_speedup_over_encoding": round(items_encode / items_read, 1),
+        "items_encoded_per_s": round(ITEMS_TIMED / items_encode, 1),
         "ldm_step_gflop": round(unet_flops / 1e9, 2),
         "ldm_step_gflop_per_s_bf16": round(unet_flops / unet_ours / 1e9, 1),
         "matmul_gflop_per_s_bf16": round(matmul_flops_per_s / 1e9, 1),
@@ -437,6 +444,28 @@ def stage_figures_in_subprocess(name: str, profile_name: str, device: str) -> di
     if result.returncode != 0:
         raise RuntimeError(f"bench of stage {name} failed:\n{result.stderr[-2000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+ITEMS_TIMED = 1024
+
+
+def _item_cache_times() -> tuple[float, float]:
+    """Median seconds to make an item cache of :data:`ITEMS_TIMED` items with the reference
+    autoencoder by encoding them, and by reading their latents from the items file written once
+    beforehand (on the CPU, where the stages encode)."""
+    import tempfile
+
+    from minildm.stages import ae as ae_stage
+    from minildm.stages.items import ItemCache, item_cache
+
+    autoencoder = ae_stage.load(None)[0]
+    size = autoencoder.cfg.image_size
+    with tempfile.TemporaryDirectory() as folder:
+        item_cache(ITEMS_TIMED, 0, size, autoencoder, (folder,))
+        times = alternating_median_times({
+            "encode": lambda: ItemCache(ITEMS_TIMED, 0, size, autoencoder),
+            "read": lambda: item_cache(ITEMS_TIMED, 0, size, autoencoder, (folder,))}, rounds=3, warmup=1)
+    return times["encode"], times["read"]
 
 
 def _attention_times(profile, device: str):

@@ -359,10 +359,9 @@ def with_overrides(profile: Profile, assignments: list[str]) -> Profile:
 
     ``VALUE`` is read as JSON when it parses (numbers, lists, true/false), else as a string:
     ``ae.disc_start=1000000`` turns the autoencoder's GAN off, ``ae.channel_mult=[1,2]`` makes f = 2,
-    ``ldm.unet.model_channels=96`` reaches into a nested config.
+    ``ldm.unet.model_channels=96`` reaches into a nested config, and ``extras.KEY=VALUE`` sets one of
+    the profile's extras (``extras.multi_embedding_steps=900``).
     """
-    import json
-
     from minildm.errors import UserError
 
     def replace(config, path: list[str], value, assignment: str, where: str):
@@ -379,15 +378,28 @@ def with_overrides(profile: Profile, assignments: list[str]) -> Profile:
     for assignment in assignments:
         key, sep, raw = assignment.partition("=")
         section_name, _, field_path = key.partition(".")
+        if sep and section_name == "extras":
+            known = set().union(*(make().extras for make in (_smoke, _cpu, _gpu)))
+            if field_path not in known:
+                raise UserError(f"--set {assignment}: no profile has an extra {field_path!r}; "
+                                f"extras: {', '.join(sorted(known))}")
+            profile = dataclasses.replace(profile, extras={**profile.extras, field_path: _parse_value(raw)})
+            continue
         sections = [f.name for f in dataclasses.fields(profile) if dataclasses.is_dataclass(getattr(profile, f.name))]
         if not sep or section_name not in sections or not field_path:
             raise UserError(f"--set {assignment}: expected SECTION.FIELD=VALUE with SECTION one of: {', '.join(sections)}")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        if isinstance(value, list):
-            value = tuple(value)
-        section = replace(getattr(profile, section_name), field_path.split("."), value, assignment, section_name)
+        section = replace(getattr(profile, section_name), field_path.split("."), _parse_value(raw), assignment,
+                          section_name)
         profile = dataclasses.replace(profile, **{section_name: section})
     return profile
+
+
+def _parse_value(raw: str):
+    """A ``--set`` value: JSON when it parses (a list becomes a tuple), else the string itself."""
+    import json
+
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+    return tuple(value) if isinstance(value, list) else value

@@ -106,6 +106,8 @@ def test_bench_reports_ratios(capsys):
     for ratio in ("ldm_step_bf16_speedup", "latent_vs_pixel_sampling_speedup", "add_1step_vs_teacher_speedup",
                   "ldm_step_flops_share_of_matmul_peak", "latent_sampling_bf16_speedup"):
         assert figures[ratio] > 0, ratio
+    assert figures["items_read_speedup_over_encoding"] > 1, "reading the encoded items beats encoding them"
+    assert figures["items_encoded_per_s"] > 0
     assert figures["ldm_step_gflop"] > 0 and figures["matmul_gflop_per_s_bf16"] > 0
     assert figures["matmul_gflop_per_s_fp32"] > 0 and isinstance(figures["bf16_is_faster"], bool)
     assert figures["bf16_is_native"] >= figures["bf16_is_faster"], "auto-native gives bf16 wherever auto does"

@@ -220,3 +220,11 @@ def test_a_teacher_that_is_not_an_ldm_is_refused(tmp_path, capsys):
     assert code != 0 and "latent diffusion model" in capsys.readouterr().err
     code = main(["train", "ldm", "--profile", "smoke", "--teacher", str(ldm_stage.REFERENCE), "--out", str(tmp_path / "r")])
     assert code != 0 and "--teacher applies to the add stage" in capsys.readouterr().err
+
+
+def test_the_student_reads_the_teachers_encoded_items(add_run):
+    """ADD's items are the first of the teacher's: read from the teacher's run, not encoded again."""
+    from minildm.stages.items import ITEMS
+
+    _, root = add_run
+    assert (root / "teacher" / ITEMS).is_file() and not (root / "run" / ITEMS).exists()

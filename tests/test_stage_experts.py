@@ -92,3 +92,13 @@ def test_eval_from_the_command_line_and_wrong_inputs(experts_run, capsys, tmp_pa
     assert "stage ldm" in capsys.readouterr().err
     assert main(["train", "judge", "--profile", "smoke", "--base", str(root / "base"), "--out", str(tmp_path / "y")]) == 2
     assert "--base applies" in capsys.readouterr().err
+
+
+def test_the_experts_read_the_base_runs_encoded_items(experts_run):
+    """The base LDM keeps its encoded items; the tree, the baseline and the multi-embedding model
+    read them there rather than encoding (and keeping) their own."""
+    from minildm.stages.items import ITEMS
+
+    _, root = experts_run
+    assert (root / "base" / ITEMS).is_file()
+    assert not (root / "run" / ITEMS).exists()

@@ -53,6 +53,7 @@ from minildm.pipeline import DiffusionPipeline
 from minildm.precision import sampling_autocast
 from minildm.samplers import ClassifierFreeGuidance
 from minildm.stages import ldm
+from minildm.stages.items import ItemCache, item_cache
 from minildm.unet import TextConditionedUNet, UNet
 
 REFERENCE = Path(__file__).resolve().parents[2] / "data" / "checkpoints" / "add"
@@ -130,7 +131,7 @@ class AddTask:
     stage = STAGE
 
     def __init__(self, cfg: AddConfig, diffusion: DiffusionConfig, teacher_state: dict, encoder, autoencoder,
-                 cache: ldm.ItemCache, text_embeddings: dict, batch_size: int, seed: int, progress_n: int = 0,
+                 cache: ItemCache, text_embeddings: dict, batch_size: int, seed: int, progress_n: int = 0,
                  teacher_source: str = "teacher"):
         check_config(cfg)
         self.cfg, self.diffusion, self.encoder, self.autoencoder = cfg, diffusion, encoder, autoencoder
@@ -295,10 +296,12 @@ def _teacher(base: str | None) -> tuple[Path, dict, dict]:
     return path, state, card
 
 
-def make_task(profile: Profile, train_cfg, base: str | None = None,
-              cache_size: int | None = None) -> tuple[AddTask, Path, dict]:
+def make_task(profile: Profile, train_cfg, base: str | None = None, cache_size: int | None = None,
+              out: str | None = None) -> tuple[AddTask, Path, dict]:
     """The ADD task — student initialised from the teacher ``base`` (default: the reference LDM),
-    its discriminator, the encoded item cache — and the teacher's path and card."""
+    its discriminator, the encoded item cache — and the teacher's path and card. The items'
+    latents are read from the run ``out`` or the teacher's run when one holds them (the first
+    items of the teacher's own), and are otherwise encoded and kept in ``out``."""
     check_config(profile.add)
     teacher_path, teacher_state, teacher_card = _teacher(base)
     diffusion = config_from_dict(DiffusionConfig, teacher_card["config"]["diffusion"])
@@ -307,8 +310,8 @@ def make_task(profile: Profile, train_cfg, base: str | None = None,
     encoder, autoencoder = ldm._parts(diffusion.space, image_size, teacher_card.get("parts"))
     if autoencoder is None:
         raise UserError(f"--teacher {teacher_path} is a pixel-space model; ADD distils the latent one")
-    cache = ldm.ItemCache(cache_size or profile.extras.get("add_cache_size", 8192), train_cfg.seed, image_size,
-                          autoencoder, embed_images=encoder.encode_image)
+    cache = item_cache(cache_size or profile.extras.get("add_cache_size", 8192), train_cfg.seed, image_size,
+                       autoencoder, (out, teacher_path) if out is not None else (), embed_images=encoder.encode_image)
     cache.image_embeddings = torch.nn.functional.normalize(cache.image_embeddings, dim=-1)
     text_embeddings = {"category": pooled_text(encoder, cache.category), "full": pooled_text(encoder, cache.full)}
     task = AddTask(profile.add, diffusion, teacher_state, encoder, autoencoder, cache, text_embeddings,
@@ -326,7 +329,7 @@ def train(profile: Profile, out: str, *, base: str | None = None, resume=False, 
                         "prompts, so it accepts only --data shapes")
     train_cfg = profile.add_train if steps is None else dataclasses.replace(profile.add_train, steps=steps)
     started = time.perf_counter()
-    task, teacher_path, teacher_card = make_task(profile, train_cfg, base)
+    task, teacher_path, teacher_card = make_task(profile, train_cfg, base, out=out)
     cache_seconds = time.perf_counter() - started
     image_size, parts = teacher_card.get("image_size", profile.shapes.image_size), teacher_card.get("parts")
     teacher_name = None if base is None else str(teacher_path)  # None: the reference, wherever the repo is

@@ -36,6 +36,7 @@ from minildm.multi_embedding import (DropRates, MultiEmbeddingUNet, background_b
                                      image_condition_dim, keep_only)
 from minildm.pipeline import DiffusionPipeline
 from minildm.stages import ldm
+from minildm.stages.items import ItemCache
 from minildm.unet import UNet
 
 STAGE = "multi_embedding"
@@ -53,7 +54,7 @@ class MultiEmbeddingTask(ldm.DiffusionTask):
     moved after 900 steps (mean |w| 0.015) and the image embedding changed nothing measurable.
     """
 
-    def __init__(self, cfg: DiffusionConfig, cache: ldm.ItemCache, encoder, batch_size: int, seed: int,
+    def __init__(self, cfg: DiffusionConfig, cache: ItemCache, encoder, batch_size: int, seed: int,
                  autoencoder, drops: DropRates = DropRates(), projection_lr_scale: float = PROJECTION_LR_SCALE):
         super().__init__(cfg, cache, encoder, batch_size, seed, STAGE, autoencoder)
         self.drops = drops

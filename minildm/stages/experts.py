@@ -47,6 +47,7 @@ from minildm.pipeline import DiffusionPipeline
 from minildm.precision import sampling_autocast
 from minildm.samplers import schedule_timesteps
 from minildm.stages import embeddings, ldm
+from minildm.stages.items import item_cache
 from minildm.unet import UNet
 
 REFERENCE = Path(__file__).resolve().parents[2] / "data" / "checkpoints" / "experts"
@@ -100,8 +101,9 @@ def train(profile: Profile, out: str, *, base: str | None = None, resume=False, 
     parts = base_card.get("parts")  # the base's autoencoder and encoder
     encoder, autoencoder = ldm._parts(cfg.space, image_size, parts)
     # the training items, encoded when a run first needs them (not at all when every run is finished)
-    cache = functools.cache(lambda: ldm.ItemCache(
-        profile.extras.get("cache_size", 40_000), train_cfg.seed, image_size, autoencoder,
+    # (their latents read from the base LDM's run, or from this run's folder, when one holds them)
+    cache = functools.cache(lambda: item_cache(
+        profile.extras.get("cache_size", 40_000), train_cfg.seed, image_size, autoencoder, (out, base_path),
         embed_images=functools.partial(image_condition, encoder) if part in (None, "multi") else None))
     nodes, ensemble = expert_tree(NoiseSchedule().steps)
 

@@ -16,7 +16,9 @@ Each pair's caption is the category caption, or (a quarter of the time) the full
 
 The data: ``cache_size`` items of the training stream are rendered once and (latent space)
 encoded once — encoding costs more than a UNet step on a CPU — and training cycles through them
-in a fresh order each epoch. ``minildm train pixel`` (:mod:`minildm.stages.pixel`) trains the
+in a fresh order each epoch; the encoded latents are kept in the run's folder
+(:mod:`minildm.stages.items`), so a resumed run and the runs built on this one do not encode
+them again. ``minildm train pixel`` (:mod:`minildm.stages.pixel`) trains the
 same UNet on the same items' pixels: the baseline of LDM's central claim.
 
 ``minildm eval ldm`` generates images for the evaluation prompts (``data/prompts/eval.jsonl``,
@@ -43,54 +45,17 @@ import torch.nn.functional as F
 
 from minildm.checkpoints import CARD, atomic_write_file, load_checkpoint, load_state_into, save_json
 from minildm.config import EVAL_SEED, DiffusionConfig, Profile, ShapesConfig, config_from_dict
-from minildm.data.captions import category_caption, full_caption, parse
+from minildm.data.captions import parse
 from minildm.data.datasets import shapes_batch
 from minildm.errors import UserError
 from minildm.diffusion import NoiseSchedule
 from minildm.pipeline import DiffusionPipeline
+from minildm.stages.items import ItemCache, item_cache
 from minildm.unet import TextConditionedUNet, UNet
 
 REFERENCE = Path(__file__).resolve().parents[2] / "data" / "checkpoints" / "ldm"
 TARGETS = {"alignment_single_object": (">=", 0.85), "alignment_two_object": (">=", 0.5)}
 STAGE = "ldm"
-
-
-class ItemCache:
-    """``size`` items of the training stream: their captions, and their latents (latent space;
-    encoded once, in batches) or nothing (pixel space: images are re-rendered, which is cheap)."""
-
-    def __init__(self, size: int, seed: int, image_size: int, autoencoder=None, batch_size: int = 256,
-                 embed_images=None):
-        self.size, self.seed, self.image_size = size, seed, image_size
-        self.category, self.full, latents, embeddings = [], [], [], []
-        shapes = ShapesConfig(image_size=image_size)
-        for start in range(0, size, batch_size):
-            images, scenes = shapes_batch(seed, range(start, min(size, start + batch_size)), shapes)
-            self.category += [category_caption(s) for s in scenes]
-            self.full += [full_caption(s) for s in scenes]
-            with torch.no_grad():
-                if autoencoder is not None:
-                    latents.append(autoencoder.encode(images).float())
-                if embed_images is not None:  # image embeddings: eDiff-I's condition, ADD's discriminator's
-                    embeddings.append(embed_images(images).float())
-        self.latents = torch.cat(latents) if latents else None
-        self.image_embeddings = torch.cat(embeddings) if embeddings else None
-
-    def item_order(self, positions: range) -> list[int]:
-        """Cache indices of global positions ``positions``: each epoch a fresh permutation that is
-        a pure function of (seed, epoch)."""
-        orders, out = {}, []
-        for p in positions:
-            epoch = p // self.size
-            if epoch not in orders:
-                orders[epoch] = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch))
-            out.append(int(orders[epoch][p % self.size]))
-        return out
-
-    def samples(self, indices: list[int]) -> torch.Tensor:
-        if self.latents is not None:
-            return self.latents[indices]
-        return shapes_batch(self.seed, indices, ShapesConfig(image_size=self.image_size))[0]
 
 
 class DiffusionTask:
@@ -179,12 +144,14 @@ def _parts(space: str, image_size: int, parts: dict | None = None):
 
 
 def make_task(stage: str, cfg: DiffusionConfig, train_cfg, profile: Profile, parts: dict | None = None,
-              cache_size: int | None = None) -> DiffusionTask:
+              cache_size: int | None = None, folders=()) -> DiffusionTask:
     """The training task of a diffusion stage: its frozen parts, the encoded item cache (the
-    profile's ``cache_size`` items unless given) and a freshly initialised UNet."""
+    profile's ``cache_size`` items unless given; kept in, or read from, ``folders``: see
+    :func:`minildm.stages.items.item_cache`) and a freshly initialised UNet."""
     image_size = profile.shapes.image_size
     encoder, autoencoder = _parts(cfg.space, image_size, parts)
-    cache = ItemCache(cache_size or profile.extras.get("cache_size", 40_000), train_cfg.seed, image_size, autoencoder)
+    cache = item_cache(cache_size or profile.extras.get("cache_size", 40_000), train_cfg.seed, image_size,
+                       autoencoder, folders)
     torch.manual_seed(train_cfg.seed)  # initial weights: a function of the seed alone, however many processes
     return DiffusionTask(cfg, cache, encoder, train_cfg.batch_size, train_cfg.seed, stage, autoencoder,
                          profile.extras.get("progress_eval_n", 0))
@@ -207,7 +174,7 @@ def train_diffusion(stage: str, cfg: DiffusionConfig, train_cfg, profile: Profil
     parts = {"encoder": None if encoder is None else str(encoder),
              "autoencoder": None if autoencoder is None or cfg.space != "latent" else str(autoencoder)}
     started = time.perf_counter()
-    task = make_task(stage, cfg, train_cfg, profile, parts)
+    task = make_task(stage, cfg, train_cfg, profile, parts, folders=(out,))
     cache_seconds = time.perf_counter() - started
     card = train_loop(task, train_cfg, out, resume=resume, device=device, command=command, progress=progress,
                       extra_card={"profile": profile.name, "cache_seconds": round(cache_seconds, 1),
