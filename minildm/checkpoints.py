@@ -30,10 +30,11 @@ CARD = "card.json"
 
 
 # ---------------------------------------------------------------------------------------- writing
-def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Write ``tensors`` to a safetensors file (contiguous CPU copies, so tied weights are fine)."""
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` to a safetensors file (contiguous CPU copies, so tied weights are fine),
+    with ``metadata`` (strings) in its header beside ``format``."""
     plain = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in tensors.items()}
-    save_file(plain, str(path), metadata={"format": "pt"})
+    save_file(plain, str(path), metadata={"format": "pt", **(metadata or {})})
 
 
 def save_json(path: str | Path, value) -> None:
