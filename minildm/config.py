@@ -175,6 +175,10 @@ class TrainConfig:
     # and averages them. ``N`` processes with ``accumulate = k`` train exactly like ``N·k``
     # processes: the global batch and the model do not depend on how the work is split.
     accumulate: int = 1
+    # Compile the model's training forward and backward with ``torch.compile`` (TorchInductor:
+    # fused C++ kernels on the CPU, Triton on a GPU) — a speed option, not part of any paper;
+    # it needs a C++ compiler, and its first step compiles for minutes (``minildm.train``).
+    compile: bool = False
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -231,7 +232,7 @@ def train(task: TrainingTask, cfg: TrainConfig, out_dir: str | Path, *, resume: 
 
     # prepare(): DDP wrapper when world_size > 1, autocast around forward, grad scaler for fp16.
     # The scheduler stays unprepared: Accelerate would step it once per process.
-    ddp_model, ddp_optimizer = accelerator.prepare(model, optimizer)
+    ddp_model, ddp_optimizer = accelerator.prepare(compiled(model) if cfg.compile else model, optimizer)
     ddp_model.train()
     if critic is not None:
         ddp_critic, ddp_critic_optimizer = accelerator.prepare(critic, critic_optimizer)
@@ -304,6 +305,26 @@ def train(task: TrainingTask, cfg: TrainConfig, out_dir: str | Path, *, resume: 
         atomic_write_file(out_dir / CARD, lambda path: save_json(path, card))
     accelerator.wait_for_everyone()
     return card
+
+
+def compiled(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` compiled by ``torch.compile`` for training (``TrainConfig.compile``).
+
+    The compiled module shares ``model``'s parameters; the EMA copy, the checkpoints and what
+    :func:`train` returns stay the plain module, so a run's files do not depend on the option.
+    TorchInductor fuses the chains of small operations (group norm, SiLU, the residual adds) that
+    dominate these small networks' steps into C++ loops on the CPU. The first step traces and
+    compiles (about three minutes for the cpu profile's LDM on a 2-core AMD Zen 3, after which a
+    step took 0.60 s against 0.70 eager: README, *Compiling*; seconds when TorchInductor's on-disk
+    cache already holds the graph), and the compiled kernels round differently. Random operations inside the model (dropout) draw from torch's generator as
+    in eager mode (TorchInductor's ``fallback_random``), so a compiled run keeps the seed's draws
+    and differs from the eager run by rounding alone.
+    """
+    if not torch.cuda.is_available() and not any(shutil.which(cc) for cc in ("c++", "g++", "clang++")):
+        raise UserError("compile needs a C++ compiler on the PATH (c++, g++ or clang++) for TorchInductor's CPU "
+                        "kernels; install one, or train without it (the default: compile false)")
+    torch._inductor.config.fallback_random = True
+    return torch.compile(model)
 
 
 def leave_process_group(status: int = 0) -> None:

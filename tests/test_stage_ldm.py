@@ -77,6 +77,33 @@ def test_the_text_tower_is_fine_tuned_with_the_unet(smoke_run):
     assert pipeline.encoder.clip is not None and pipeline.encoder.text_model is not reference.text_model
 
 
+
+def test_fixed_length_captions_change_nothing_but_the_shape():
+    """A compiled run (``TrainConfig.compile``) pads every caption to the encoder's 32 tokens so
+    that each batch has one shape; the padding is masked out of the text tower and the
+    cross-attention, so the UNet's output is the same."""
+    profile = get_profile("smoke")
+    from minildm.stages.clip import load as load_clip
+
+    cache = ldm_stage.ItemCache(16, 0, 32, autoencoder=None)
+    encoder = load_clip(None)[0]
+    task = ldm_stage.DiffusionTask(profile.pixel, cache, encoder, 8, 0, "pixel")
+    padded_task = ldm_stage.DiffusionTask(profile.pixel, cache, encoder, 8, 0, "pixel", fixed_length=True)
+    batch, padded = task.batch(3, 0, 1), padded_task.batch(3, 0, 1)
+    assert batch["input_ids"].shape[1] < padded["input_ids"].shape[1] == encoder.tokenizer.model_max_length
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in task.model.parameters():  # away from the zero-initialised output layer
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    task.model.eval()
+    x, t = torch.randn_like(batch["x0"]), torch.randint(0, 1000, (8,))
+    with torch.no_grad():
+        output = task.model(x, t, task.condition(batch))
+        padded_output = task.model(x, t, padded_task.condition(padded))
+    assert output.abs().max() > 0.1
+    torch.testing.assert_close(padded_output, output, rtol=1e-5, atol=1e-5)
+
+
 def test_the_pixel_stage_trains_the_same_way(tmp_path):
     profile = with_overrides(get_profile("smoke"), ["pixel_train.steps=4"])
     card = pixel_stage.train(profile, str(tmp_path / "pixel"), progress=False)

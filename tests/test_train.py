@@ -4,6 +4,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -195,6 +196,33 @@ def test_bad_runs_are_one_line_user_errors(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="fp16 needs a CUDA GPU"):
             _train(ToyTask(), tmp_path / "x", TrainConfig(mixed_precision="fp16"))
+
+
+
+def test_compiled_training_learns_the_same_and_saves_plain_weights(tmp_path):
+    """``TrainConfig.compile``: the step runs through ``torch.compile``, but the run's files are
+    the plain module's (no ``_orig_mod.`` prefixes) and the weights are the eager run's up to the
+    compiled kernels' rounding."""
+    compiled_cfg = TrainConfig(**{**CFG.__dict__, "steps": 6, "compile": True})
+    eager_cfg = TrainConfig(**{**CFG.__dict__, "steps": 6})
+    compiled_task = ToyTask(seed=0)
+    card = _train(compiled_task, tmp_path / "compiled", compiled_cfg)
+    _train(ToyTask(seed=0), tmp_path / "eager", eager_cfg)
+    assert card["train"]["compile"] is True
+    assert type(compiled_task.model) is torch.nn.Sequential  # the task keeps its plain module
+    for name in ("model.safetensors", "checkpoint/raw.safetensors"):
+        a, b = load_file(tmp_path / "compiled" / name), load_file(tmp_path / "eager" / name)
+        assert a.keys() == b.keys() and not any("_orig_mod" in k for k in a), name
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+def test_compile_without_a_cpp_compiler_is_one_clear_line(tmp_path, monkeypatch):
+    monkeypatch.setattr("minildm.train.shutil.which", lambda name: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match=re.escape("compile needs a C++ compiler")):
+        _train(ToyTask(), tmp_path / "run", TrainConfig(**{**CFG.__dict__, "steps": 1, "compile": True}))
+    assert not (tmp_path / "run" / "model.safetensors").exists()
 
 
 def _free_port() -> int:

@@ -123,8 +123,8 @@ class TextImageEncoder(torch.nn.Module):
                                 pixel_mean=self.pixel_mean.flatten().tolist(), pixel_std=self.pixel_std.flatten().tolist(),
                                 check_words=self.check_words, name=self.name, text_model=text_model)
 
-    def tokenize(self, captions: list[str] | str) -> dict:
-        return tokenize(self.tokenizer, captions, check=self.check_words)
+    def tokenize(self, captions: list[str] | str, fixed_length: bool = False) -> dict:
+        return tokenize(self.tokenizer, captions, check=self.check_words, fixed_length=fixed_length)
 
     def encode_text(self, captions: list[str] | str, output_attentions: bool = False) -> TextEncoding:
         """Per-token and pooled embeddings of ``captions`` (unknown words: one clear error)."""

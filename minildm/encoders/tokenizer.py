@@ -73,8 +73,10 @@ def check_known(tokenizer, captions: list[str]) -> None:
                                 f"The text encoder knows: {' '.join(words)}")
 
 
-def tokenize(tokenizer, captions: list[str], check: bool = True) -> dict:
-    """``input_ids`` and ``attention_mask`` (B, L) for ``captions``, padded to the longest.
+def tokenize(tokenizer, captions: list[str], check: bool = True, fixed_length: bool = False) -> dict:
+    """``input_ids`` and ``attention_mask`` (B, L) for ``captions``, padded to the longest, or to
+    the tokenizer's ``model_max_length`` with ``fixed_length`` (one shape for every batch, which a
+    compiled model needs so as not to compile again; the padding is masked out).
 
     ``check`` (default) refuses unknown words instead of mapping them to ``<unk>``; a hub
     tokenizer (byte-pair, no unknown words) is passed through with ``check=False``.
@@ -83,5 +85,6 @@ def tokenize(tokenizer, captions: list[str], check: bool = True) -> dict:
         captions = [captions]
     if check:
         check_known(tokenizer, captions)
-    encoded = tokenizer(list(captions), padding=True, truncation=True, return_tensors="pt")
+    encoded = tokenizer(list(captions), padding="max_length" if fixed_length else True, truncation=True,
+                        return_tensors="pt")
     return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}

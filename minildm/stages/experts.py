@@ -112,7 +112,7 @@ def train(profile: Profile, out: str, *, base: str | None = None, resume=False, 
         if (run_dir / CARD).exists():  # finished before an interruption
             return load_checkpoint(run_dir)
         task = ldm.DiffusionTask(cfg, cache(), encoder, run_cfg.batch_size, run_cfg.seed, "ldm", autoencoder,
-                                 t_range=interval)
+                                 t_range=interval, fixed_length=run_cfg.compile)
         load_state_into(task.model, start, str(base_path))
         train_loop(task, run_cfg, run_dir, resume=(run_dir / "checkpoint").exists(), device=device,
                    command=command, progress=progress,

@@ -62,7 +62,8 @@ class DiffusionTask:
     """The UNet as a :class:`minildm.train.TrainingTask`: noised samples, captions, the loss."""
 
     def __init__(self, cfg: DiffusionConfig, cache: ItemCache, encoder, batch_size: int, seed: int, stage: str,
-                 autoencoder=None, progress_n: int = 0, t_range: tuple[int, int] | None = None):
+                 autoencoder=None, progress_n: int = 0, t_range: tuple[int, int] | None = None,
+                 fixed_length: bool = False):
         if cfg.unet.context_dim != encoder.token_dim:
             raise UserError(f"the UNet's context_dim is {cfg.unet.context_dim} but the text encoder's tokens are "
                             f"{encoder.token_dim} wide; set {stage}.unet.context_dim={encoder.token_dim}")
@@ -71,6 +72,7 @@ class DiffusionTask:
         self.model = TextConditionedUNet(UNet(cfg.unet), copy.deepcopy(encoder.text_model), cfg.train_text_encoder)
         self.schedule = NoiseSchedule(zero_terminal_snr=cfg.zero_terminal_snr)
         self.t_range = t_range  # None: every timestep; (lo, hi): an expert's interval (eDiff-I)
+        self.fixed_length = fixed_length  # captions padded to the encoder's length: for a compiled model
 
     def batch_indices(self, step: int, rank: int, world_size: int) -> list[int]:
         """Cache indices of this rank's share of global batch ``step``."""
@@ -84,7 +86,7 @@ class DiffusionTask:
         rng = np.random.default_rng([self.seed, step, rank, 11])
         use_full = rng.random(per_rank) < self.cfg.full_caption_prob
         captions = [self.cache.full[i] if f else self.cache.category[i] for i, f in zip(indices, use_full)]
-        tokens = self.encoder.tokenize(captions)
+        tokens = self.encoder.tokenize(captions, fixed_length=self.fixed_length)
         keep = torch.from_numpy(rng.random(per_rank) >= self.cfg.cond_drop).float()
         return {"x0": self.cache.samples(indices), "input_ids": tokens["input_ids"], "mask": tokens["attention_mask"],
                 "keep": keep}
@@ -154,7 +156,7 @@ def make_task(stage: str, cfg: DiffusionConfig, train_cfg, profile: Profile, par
                        autoencoder, folders)
     torch.manual_seed(train_cfg.seed)  # initial weights: a function of the seed alone, however many processes
     return DiffusionTask(cfg, cache, encoder, train_cfg.batch_size, train_cfg.seed, stage, autoencoder,
-                         profile.extras.get("progress_eval_n", 0))
+                         profile.extras.get("progress_eval_n", 0), fixed_length=train_cfg.compile)
 
 
 def train_diffusion(stage: str, cfg: DiffusionConfig, train_cfg, profile: Profile, out: str, *, resume=False,
