@@ -316,11 +316,13 @@ def compiled(model: torch.nn.Module) -> torch.nn.Module:
     dominate these small networks' steps into C++ loops on the CPU. The first step traces and
     compiles (about three minutes for the cpu profile's LDM on a 2-core AMD Zen 3, after which a
     step took 0.60 s against 0.70 eager: README, *Compiling*; seconds when TorchInductor's on-disk
-    cache already holds the graph), and the compiled kernels round differently. Random operations inside the model (dropout) draw from torch's generator as
-    in eager mode (TorchInductor's ``fallback_random``), so a compiled run keeps the seed's draws
-    and differs from the eager run by rounding alone.
+    cache already holds the graph), and the compiled kernels round differently. Random operations
+    inside the model (dropout) draw from torch's generator as in eager mode (TorchInductor's
+    ``fallback_random``, set for the whole process), so a compiled run keeps the seed's draws and
+    differs from the eager run by rounding alone.
     """
-    if not torch.cuda.is_available() and not any(shutil.which(cc) for cc in ("c++", "g++", "clang++")):
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    if on_cpu and not any(shutil.which(cc) for cc in ("c++", "g++", "clang++")):
         raise UserError("compile needs a C++ compiler on the PATH (c++, g++ or clang++) for TorchInductor's CPU "
                         "kernels; install one, or train without it (the default: compile false)")
     torch._inductor.config.fallback_random = True

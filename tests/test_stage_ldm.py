@@ -77,7 +77,6 @@ def test_the_text_tower_is_fine_tuned_with_the_unet(smoke_run):
     assert pipeline.encoder.clip is not None and pipeline.encoder.text_model is not reference.text_model
 
 
-
 def test_fixed_length_captions_change_nothing_but_the_shape():
     """A compiled run (``TrainConfig.compile``) pads every caption to the encoder's 32 tokens so
     that each batch has one shape; the padding is masked out of the text tower and the

@@ -198,7 +198,6 @@ def test_bad_runs_are_one_line_user_errors(tmp_path):
             _train(ToyTask(), tmp_path / "x", TrainConfig(mixed_precision="fp16"))
 
 
-
 def test_compiled_training_learns_the_same_and_saves_plain_weights(tmp_path):
     """``TrainConfig.compile``: the step runs through ``torch.compile``, but the run's files are
     the plain module's (no ``_orig_mod.`` prefixes) and the weights are the eager run's up to the
@@ -218,8 +217,7 @@ def test_compiled_training_learns_the_same_and_saves_plain_weights(tmp_path):
 
 
 def test_compile_without_a_cpp_compiler_is_one_clear_line(tmp_path, monkeypatch):
-    monkeypatch.setattr("minildm.train.shutil.which", lambda name: None)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr("minildm.train.shutil.which", lambda name: None)  # the run is on the CPU
     with pytest.raises(UserError, match=re.escape("compile needs a C++ compiler")):
         _train(ToyTask(), tmp_path / "run", TrainConfig(**{**CFG.__dict__, "steps": 1, "compile": True}))
     assert not (tmp_path / "run" / "model.safetensors").exists()
