@@ -10,13 +10,15 @@ sides of a training-step, matmul or sampling ratio are timed in alternating roun
   autoencoder's step is timed with its GAN and judge-feature terms switched on.
 * ``data_share_of_step`` — rendering a batch of the shapes world over a whole judge step:
   whether the procedural data is the bottleneck.
-* ``unet_step_speed_vs_diffusers`` — a bf16 training step of diffusers' ``UNet2DConditionModel``
-  at the configuration matched to the ldm stage's UNet (same widths, levels, attention levels,
-  heads, context width) over ours: above 1, ours is faster. None when diffusers (a test extra) is
-  not installed.
+* ``unet_step_speed_vs_diffusers`` — a training step of diffusers' ``UNet2DConditionModel`` at
+  the configuration matched to the ldm stage's UNet (same widths, levels, attention levels,
+  heads, context width) over ours, both in ``ldm_step_precision``, the precision the ldm stage
+  trains in on this device (bf16, or fp32 — ``"no"`` — where bf16 does not pay): above 1, ours
+  is faster. None when diffusers (a test extra) is not installed.
 * ``attention_explicit_speed_vs_sdpa`` — forward and backward of one attention layer at the
-  UNet's 8×8 self-attention size with ``F.scaled_dot_product_attention`` over the explicit
-  matmul–softmax that :mod:`minildm.attention` uses (above 1: explicit is faster).
+  UNet's 8×8 self-attention size, in ``ldm_step_precision``, with
+  ``F.scaled_dot_product_attention`` over the explicit matmul–softmax that
+  :mod:`minildm.attention` uses (above 1: explicit is faster).
 * ``ldm_step_bf16_speedup`` — the LDM UNet's training step in fp32 over bf16 autocast.
 * ``latent_vs_pixel_sampling_speedup`` — LDM's claim: the reference latent model's guided DDIM
   sampling (decoder included) against the reference pixel model's, images per second.
@@ -28,9 +30,10 @@ sides of a training-step, matmul or sampling ratio are timed in alternating roun
   (:mod:`minildm.stages.items`, the reference autoencoder, 1024 items) by rendering
   and encoding the items, over reading their latents back from an items file as the experts and
   the ADD student do from their LDM's run: what encoding once per chain saves.
-* ``ldm_step_flops_share_of_matmul_peak`` — the FLOP/s a bf16 LDM training step achieves (its
-  FLOPs counted by ``torch.utils.flop_counter``) over the FLOP/s of one large bf16 matrix multiply
-  on this device: how much of the machine a small UNet can use.
+* ``ldm_step_flops_share_of_matmul_peak`` — the FLOP/s an LDM training step achieves in
+  ``ldm_step_precision`` (its FLOPs counted by ``torch.utils.flop_counter``) over the FLOP/s of
+  one large matrix multiply in the same precision on this device: how much of the machine a
+  small UNet can use.
 * ``bf16_is_faster`` — :func:`minildm.precision.bf16_is_faster`: whether a profile's
   ``mixed_precision="auto"`` trains (and the CPU samples) in bf16 on this device; on a CPU that
   is whether it has AMX tiles, or is AMD's with AVX-512 BF16. ``matmul_gflop_per_s_fp32`` beside
@@ -47,6 +50,10 @@ sides of a training-step, matmul or sampling ratio are timed in alternating roun
   the fused update's time over the whole training step's. The experts' step is the
   LDM's (on an interval of t), so it is not timed twice.
 * plus the absolute throughputs behind the ratios, for the record.
+
+No figure's timed rounds run past :data:`FIGURE_BUDGET_S` (then the slow side gets fewer
+repeats): on a CPU without bf16 instructions a bf16 step is emulated and about 18× slower, and
+before the cap one bench there ran for more than 36 minutes.
 
 The sampling ratios use the reference checkpoints (the cpu profile's models) whatever ``--profile``
 says; the training figures use the profile's sizes.
@@ -83,22 +90,38 @@ def _median_time(fn, repeats: int = 5, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-def alternating_median_times(fns: dict, rounds: int = 5, warmup: int = 2) -> dict:
+def alternating_median_times(fns: dict, rounds: int = 5, warmup: int = 2, budget_s: float | None = None) -> dict:
     """{name: median seconds} of the callables ``fns``, after ``warmup`` calls of each, timed in
     ``rounds`` rounds that alternate their order (A B, B A, A B …). The step, matmul and
     sampling ratios are taken this way: timed in blocks one after the other, whichever ran first
-    in a fresh process read slower (CLIP's bf16 speedup read 1.29 that way and 0.85 alternated)."""
+    in a fresh process read slower (CLIP's bf16 speedup read 1.29 that way and 0.85 alternated).
+
+    ``budget_s`` caps the time a figure may take, so that one very slow side (bf16 on a CPU that
+    has no bf16 instructions emulates it, about 18× slower) does not hold the bench for an hour:
+    a callable whose first warm-up call took longer than ``budget_s / rounds`` is not warmed up
+    again, and no round starts once the timed rounds have taken ``budget_s``. At least one round
+    is always timed, so every figure is still a ratio of timings taken side by side."""
     for fn in fns.values():
-        for _ in range(warmup):
+        for call in range(warmup):
+            start = time.perf_counter()
             fn()
+            if call == 0 and budget_s is not None and time.perf_counter() - start > budget_s / rounds:
+                break
     seconds = {name: [] for name in fns}
     order = list(fns)
+    started = time.perf_counter()
     for round_ in range(rounds):
+        if round_ > 0 and budget_s is not None and time.perf_counter() - started > budget_s:
+            break
         for name in order if round_ % 2 == 0 else order[::-1]:
             start = time.perf_counter()
             fns[name]()
             seconds[name].append(time.perf_counter() - start)
     return {name: statistics.median(times) for name, times in seconds.items()}
+
+
+# the most a figure's timed rounds may take (alternating_median_times's budget_s)
+FIGURE_BUDGET_S = 60.0
 
 
 def training_step_fn(task, batch, device_type: str, dtype: torch.dtype | None):
@@ -127,7 +150,8 @@ def training_step_fn(task, batch, device_type: str, dtype: torch.dtype | None):
 def _speedup(task, batch, device: str) -> tuple[float, float]:
     """Median seconds of the task's training step in fp32 and under bf16 autocast."""
     times = alternating_median_times({"fp32": training_step_fn(task, batch, device, None),
-                                      "bf16": training_step_fn(task, batch, device, torch.bfloat16)})
+                                      "bf16": training_step_fn(task, batch, device, torch.bfloat16)},
+                                     budget_s=FIGURE_BUDGET_S)
     return times["fp32"], times["bf16"]
 
 
@@ -159,9 +183,10 @@ def run_bench(profile_name: str = "cpu", device: str | None = None) -> dict:
     ae_batch = send_to_device(ae_task.batch(profile.ae.disc_start, 0, 1), device)  # GAN switched on
     ae_fp32, ae_bf16 = _speedup(ae_task, ae_batch, device)
 
-    unet_ours, unet_diffusers, unet_params, unet_fp32, unet_flops = _unet_step_times(profile, device)
-    attention_sdpa, attention_explicit = _attention_times(profile, device)
-    matmul_flops_per_s, matmul_fp32_flops_per_s = matmul_rates(device, (torch.bfloat16, torch.float32))
+    unet = _unet_step_times(profile, device)
+    attention_sdpa, attention_explicit = _attention_times(profile, device, unet["precision"])
+    matmul_rate = dict(zip(("bf16", "no"), matmul_rates(device, (torch.bfloat16, torch.float32))))
+    ldm_flops_per_s = unet["flops"] / unet["ours"]
     sampling = _sampling_speedups(device, profile)
     items_encode, items_read = _item_cache_times()
 
@@ -177,21 +202,22 @@ def run_bench(profile_name: str = "cpu", device: str | None = None) -> dict:
         "judge_read_images_per_s": round(judge_cfg.batch_size / t_read, 1),
         "ae_train_steps_per_s_fp32": round(1 / ae_fp32, 2),
         "ae_train_steps_per_s_bf16": round(1 / ae_bf16, 2),
-        "unet_step_speed_vs_diffusers": round(unet_diffusers / unet_ours, 3) if unet_diffusers else None,
-        "unet_parameters_ours_and_diffusers": unet_params,
-        "ldm_train_steps_per_s_bf16": round(1 / unet_ours, 2),
+        "ldm_step_precision": unet["precision"],
+        "unet_step_speed_vs_diffusers": round(unet["theirs"] / unet["ours"], 3) if unet["theirs"] else None,
+        "unet_parameters_ours_and_diffusers": unet["parameters"],
+        "ldm_train_steps_per_s": round(1 / unet["ours"], 2),
         "attention_explicit_speed_vs_sdpa": round(attention_sdpa / attention_explicit, 3),
-        "ldm_step_bf16_speedup": round(unet_fp32 / unet_ours, 3),
+        "ldm_step_bf16_speedup": round(unet["fp32"] / unet["bf16"], 3),
         **sampling,
         "items_read_speedup_over_encoding": round(items_encode / items_read, 1),
         "items_encoded_per_s": round(ITEMS_TIMED / items_encode, 1),
-        "ldm_step_gflop": round(unet_flops / 1e9, 2),
-        "ldm_step_gflop_per_s_bf16": round(unet_flops / unet_ours / 1e9, 1),
-        "matmul_gflop_per_s_bf16": round(matmul_flops_per_s / 1e9, 1),
-        "matmul_gflop_per_s_fp32": round(matmul_fp32_flops_per_s / 1e9, 1),
+        "ldm_step_gflop": round(unet["flops"] / 1e9, 2),
+        "ldm_step_gflop_per_s": round(ldm_flops_per_s / 1e9, 1),
+        "matmul_gflop_per_s_bf16": round(matmul_rate["bf16"] / 1e9, 1),
+        "matmul_gflop_per_s_fp32": round(matmul_rate["no"] / 1e9, 1),
         "bf16_is_faster": bf16_is_faster(torch.device(device).type),
         "bf16_is_native": bf16_is_native(torch.device(device).type),
-        "ldm_step_flops_share_of_matmul_peak": round(unet_flops / unet_ours / matmul_flops_per_s, 3),
+        "ldm_step_flops_share_of_matmul_peak": round(ldm_flops_per_s / matmul_rate[unet["precision"]], 3),
         "stages": {name: stage_figures_in_subprocess(name, profile.name, device) for name in THROUGHPUT_STAGES},
         "baseline_process_mb": stage_figures_in_subprocess("none", profile.name, device)["peak_memory_mb"],
     }
@@ -212,17 +238,22 @@ def matched_diffusers_unet(cfg):
         norm_num_groups=8, transformer_layers_per_block=cfg.transformer_depth)
 
 
-def _unet_step_times(profile, device: str):
-    """Median bf16 training-step times of our UNet and of diffusers' matched one."""
+def _unet_step_times(profile, device: str) -> dict:
+    """Median training-step times of our UNet in fp32 and under bf16 autocast, and of diffusers'
+    matched one in the precision the ldm stage trains in on this device (``precision``: what its
+    ``mixed_precision`` resolves to here — a comparison in bf16 on a CPU that emulates bf16 would
+    time emulation, not the two UNets); our step's FLOPs."""
     from minildm.unet import UNet
 
     cfg = profile.ldm.unet
     batch = profile.ldm_train.batch_size
+    in_bf16 = resolve_precision(profile.ldm_train.mixed_precision, torch.device(device).type) == "bf16"
+    precision, dtype = ("bf16", torch.bfloat16) if in_bf16 else ("no", None)
     x = torch.randn(batch, cfg.in_channels, 8, 8, device=device)
     t = torch.randint(0, 1000, (batch,), device=device)
     context = torch.randn(batch, 12, cfg.context_dim, device=device)
 
-    def step_fn(model, forward, dtype=torch.bfloat16):
+    def step_fn(model, forward, dtype):
         optimizer = adam(model.parameters(), lr=1e-5)
 
         def step():
@@ -235,19 +266,18 @@ def _unet_step_times(profile, device: str):
 
     ours = UNet(cfg).to(device)
     forward = lambda m: m(x, t, {"context": context})  # noqa: E731
-    steps = {"ours": step_fn(ours, forward), "ours_fp32": step_fn(ours, forward, None)}
+    steps = {"fp32": step_fn(ours, forward, None), "bf16": step_fn(ours, forward, torch.bfloat16)}
     flops = training_step_flops(ours, forward)
     try:
         theirs = matched_diffusers_unet(cfg).to(device)
     except ImportError:
         theirs = None
     else:
-        steps["theirs"] = step_fn(theirs, lambda m: m(x, t, encoder_hidden_states=context).sample)
-    times = alternating_median_times(steps, rounds=3)
-    if theirs is None:
-        return times["ours"], None, None, times["ours_fp32"], flops
-    params = [sum(p.numel() for p in m.parameters()) for m in (ours, theirs)]
-    return times["ours"], times["theirs"], params, times["ours_fp32"], flops
+        steps["theirs"] = step_fn(theirs, lambda m: m(x, t, encoder_hidden_states=context).sample, dtype)
+    times = alternating_median_times(steps, rounds=3, budget_s=FIGURE_BUDGET_S)
+    return {"precision": precision, "ours": times["bf16" if in_bf16 else "fp32"],
+            "fp32": times["fp32"], "bf16": times["bf16"], "theirs": times.get("theirs"), "flops": flops,
+            "parameters": [sum(p.numel() for p in m.parameters()) for m in (ours, theirs)] if theirs else None}
 
 
 def training_step_flops(model, forward) -> int:
@@ -273,7 +303,7 @@ def matmul_rates(device: str, dtypes: tuple[torch.dtype, ...], size: int = 2048)
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
         return run
-    times = alternating_median_times({dtype: product(dtype) for dtype in dtypes})
+    times = alternating_median_times({dtype: product(dtype) for dtype in dtypes}, budget_s=FIGURE_BUDGET_S)
     return [2 * size**3 / times[dtype] for dtype in dtypes]
 
 
@@ -306,7 +336,7 @@ def _sampling_speedups(device: str, profile) -> dict:
         sample(name, other, 2, 2)  # warm-up: two prompts, two steps
     # two rounds, A B C then C B A: whichever runs first does not read slower for it
     seconds = alternating_median_times({key: partial(sample, *run, batch, steps) for key, run in runs.items()},
-                                       rounds=2, warmup=0)
+                                       rounds=2, warmup=0, budget_s=FIGURE_BUDGET_S)
     sampling_bf16_speedup = None
     if device == "cpu":
         latent, other = seconds["latent"], seconds["latent_other_precision"]
@@ -387,7 +417,7 @@ def stage_figures(name: str, profile_name: str, device: str) -> dict:
         # then both precisions in alternating rounds: whether "auto" chose well
         timed(other)
         median = alternating_median_times({p: partial(timed, p) for p in (precision, other)},
-                                          rounds=STEPS_TIMED, warmup=0)
+                                          rounds=STEPS_TIMED, warmup=0, budget_s=FIGURE_BUDGET_S)
         figures["train_images_per_s"] = round(train_cfg.batch_size / median[precision], 1)
         figures["batch_size"] = train_cfg.batch_size
         figures["mixed_precision"] = precision
@@ -415,7 +445,7 @@ def adam_step_times(parameters: list[torch.Tensor], device: str, rounds: int = 9
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
         return run
-    return alternating_median_times({name: timed(name) for name in optimizers}, rounds=rounds)
+    return alternating_median_times({name: timed(name) for name in optimizers}, rounds=rounds, budget_s=FIGURE_BUDGET_S)
 
 
 def peak_resident_mb() -> float | None:
@@ -464,12 +494,14 @@ def _item_cache_times() -> tuple[float, float]:
         item_cache(ITEMS_TIMED, 0, size, autoencoder, (folder,))
         times = alternating_median_times({
             "encode": lambda: ItemCache(ITEMS_TIMED, 0, size, autoencoder),
-            "read": lambda: item_cache(ITEMS_TIMED, 0, size, autoencoder, (folder,))}, rounds=3, warmup=1)
+            "read": lambda: item_cache(ITEMS_TIMED, 0, size, autoencoder, (folder,))}, rounds=3, warmup=1,
+            budget_s=FIGURE_BUDGET_S)
     return times["encode"], times["read"]
 
 
-def _attention_times(profile, device: str):
-    """One attention layer, forward + backward under bf16: SDPA against the explicit softmax."""
+def _attention_times(profile, device: str, precision: str):
+    """One attention layer, forward + backward in ``precision`` (the ldm stage's here): SDPA
+    against the explicit softmax."""
     import torch.nn.functional as F
 
     from minildm.attention import Attention
@@ -485,7 +517,7 @@ def _attention_times(profile, device: str):
 
     def timed(forward):
         def run():
-            with torch.autocast(device, dtype=torch.bfloat16):
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
                 forward(x).float().sum().backward()
         return _median_time(run)
 

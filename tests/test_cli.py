@@ -95,12 +95,30 @@ def test_bench_times_the_two_sides_of_a_ratio_in_alternating_rounds():
     assert set(times) == {"a", "b"} and all(seconds >= 0 for seconds in times.values())
 
 
+def test_bench_gives_a_slow_figure_fewer_rounds_within_its_budget():
+    import time
+
+    from minildm.bench import alternating_median_times
+
+    calls = []
+
+    def slow():  # takes longer than the whole budget: one warm-up, one round
+        calls.append("slow")
+        time.sleep(0.02)
+    times = alternating_median_times({"fast": lambda: calls.append("fast"), "slow": slow},
+                                     rounds=5, warmup=2, budget_s=0.01)
+    assert calls == ["fast", "fast", "slow", "fast", "slow"], "the slow side warmed up once, then one round A B"
+    assert times["slow"] >= 0.02 > times["fast"]
+
+
 def test_bench_reports_ratios(capsys):
     assert main(["bench", "--profile", "smoke", "--json"]) == 0
     figures = json.loads(capsys.readouterr().out)
     assert figures["judge_step_bf16_speedup"] > 0 and figures["ae_step_bf16_speedup"] > 0
     assert 0 < figures["data_share_of_step"] < 1
     assert figures["unet_step_speed_vs_diffusers"] > 0 and figures["attention_explicit_speed_vs_sdpa"] > 0
+    assert figures["ldm_step_precision"] == "no", "the smoke profile trains in fp32: both UNets are timed in it"
+    assert figures["ldm_train_steps_per_s"] > 0 and figures["ldm_step_gflop_per_s"] > 0
     ours, theirs = figures["unet_parameters_ours_and_diffusers"]
     assert abs(ours - theirs) / ours < 0.05, "the diffusers UNet is matched to ours"
     for ratio in ("ldm_step_bf16_speedup", "latent_vs_pixel_sampling_speedup", "add_1step_vs_teacher_speedup",
