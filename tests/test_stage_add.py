@@ -99,6 +99,26 @@ def make_task():
     return task
 
 
+def test_a_compiled_run_pads_the_captions_and_the_student_predicts_the_same(monkeypatch):
+    """With ``add_train.compile`` every caption is padded to the encoder's 32 tokens (one graph
+    for every batch, as in the LDM's run); the padding is masked, so the student's output is the
+    same."""
+    profile = get_profile("smoke")
+    monkeypatch.setattr(add_stage, "item_cache", lambda size, seed, image_size, autoencoder, folders=(), embed_images=None:
+                        ldm_stage.ItemCache(8, seed, image_size, autoencoder, embed_images=embed_images))
+    tasks = [add_stage.make_task(profile, dataclasses.replace(profile.add_train, batch_size=4, compile=compile))[0]
+             for compile in (False, True)]
+    batch, padded = (task.batch(1, 0, 1) for task in tasks)
+    assert batch["input_ids"].shape[1] < padded["input_ids"].shape[1] == tasks[0].encoder.tokenizer.model_max_length
+    student = tasks[0].model.eval()
+    x, t = torch.randn_like(batch["x0"]), torch.full((4,), 999)
+    with torch.no_grad():
+        output = student(x, t, {key: batch[key] for key in ("input_ids", "mask", "keep")})
+        padded_output = student(x, t, {key: padded[key] for key in ("input_ids", "mask", "keep")})
+    assert output.abs().max() > 0.1
+    torch.testing.assert_close(padded_output, output, rtol=1e-5, atol=1e-5)
+
+
 def test_student_timesteps_are_uniform_or_favour_the_top(make_task):
     torch.manual_seed(0)
     uniform = make_task().student_timestep_indices(20_000, "cpu")

@@ -132,8 +132,9 @@ class AddTask:
 
     def __init__(self, cfg: AddConfig, diffusion: DiffusionConfig, teacher_state: dict, encoder, autoencoder,
                  cache: ItemCache, text_embeddings: dict, batch_size: int, seed: int, progress_n: int = 0,
-                 teacher_source: str = "teacher"):
+                 teacher_source: str = "teacher", fixed_length: bool = False):
         check_config(cfg)
+        self.fixed_length = fixed_length  # captions padded to the encoder's length: for a compiled student
         self.cfg, self.diffusion, self.encoder, self.autoencoder = cfg, diffusion, encoder, autoencoder
         self.cache, self.text_embeddings, self.batch_size, self.seed = cache, text_embeddings, batch_size, seed
         self.progress_n, self.judge = progress_n, None
@@ -164,7 +165,7 @@ class AddTask:
         rng = np.random.default_rng([self.seed, step, rank, 13])
         use_full = rng.random(per_rank) < self.diffusion.full_caption_prob
         captions = [self.cache.full[i] if f else self.cache.category[i] for i, f in zip(indices, use_full)]
-        tokens = self.encoder.tokenize(captions)
+        tokens = self.encoder.tokenize(captions, fixed_length=self.fixed_length)
         text = torch.stack([self.text_embeddings["full" if f else "category"][i] for i, f in zip(indices, use_full)])
         images, _ = shapes_batch(self.cache.seed, indices, ShapesConfig(image_size=self.cache.image_size))
         return {"x0": self.cache.latents[indices], "images": images, "input_ids": tokens["input_ids"],
@@ -315,7 +316,8 @@ def make_task(profile: Profile, train_cfg, base: str | None = None, cache_size: 
     cache.image_embeddings = torch.nn.functional.normalize(cache.image_embeddings, dim=-1)
     text_embeddings = {"category": pooled_text(encoder, cache.category), "full": pooled_text(encoder, cache.full)}
     task = AddTask(profile.add, diffusion, teacher_state, encoder, autoencoder, cache, text_embeddings,
-                   train_cfg.batch_size, train_cfg.seed, profile.extras.get("progress_eval_n", 0), str(teacher_path))
+                   train_cfg.batch_size, train_cfg.seed, profile.extras.get("progress_eval_n", 0), str(teacher_path),
+                   fixed_length=train_cfg.compile)
     return task, teacher_path, teacher_card
 
 
