@@ -316,7 +316,8 @@ def compiled(model: torch.nn.Module) -> torch.nn.Module:
     dominate these small networks' steps into C++ loops on the CPU. The first step traces and
     compiles (about three minutes for the cpu profile's LDM on a 2-core AMD Zen 3, after which a
     step took 0.60 s against 0.70 eager: README, *Compiling*; seconds when TorchInductor's on-disk
-    cache already holds the graph), and the compiled kernels round differently. Random operations
+    cache already holds the graph; the ADD student's step, whose discriminator and teacher stay
+    eager, ran 0.95× as fast compiled there), and the compiled kernels round differently. Random operations
     inside the model (dropout) draw from torch's generator as in eager mode (TorchInductor's
     ``fallback_random``, set for the whole process), so a compiled run keeps the seed's draws and
     differs from the eager run by rounding alone.
