@@ -90,13 +90,19 @@ def _median_time(fn, repeats: int = 5, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-def alternating_median_times(fns: dict, rounds: int = 5, warmup: int = 2, budget_s: float | None = None) -> dict:
+# the most a figure's timed rounds may take (alternating_median_times's budget_s)
+FIGURE_BUDGET_S = 60.0
+
+
+def alternating_median_times(fns: dict, rounds: int = 5, warmup: int = 2,
+                             budget_s: float | None = FIGURE_BUDGET_S) -> dict:
     """{name: median seconds} of the callables ``fns``, after ``warmup`` calls of each, timed in
     ``rounds`` rounds that alternate their order (A B, B A, A B …). The step, matmul and
     sampling ratios are taken this way: timed in blocks one after the other, whichever ran first
     in a fresh process read slower (CLIP's bf16 speedup read 1.29 that way and 0.85 alternated).
 
-    ``budget_s`` caps the time a figure may take, so that one very slow side (bf16 on a CPU that
+    ``budget_s`` (every bench figure's :data:`FIGURE_BUDGET_S` unless given; None: no cap) caps
+    the time a figure may take, so that one very slow side (bf16 on a CPU that
     has no bf16 instructions emulates it, about 18× slower) does not hold the bench for an hour:
     a callable whose first warm-up call took longer than ``budget_s / rounds`` is not warmed up
     again, and no round starts once the timed rounds have taken ``budget_s``. At least one round
@@ -118,10 +124,6 @@ def alternating_median_times(fns: dict, rounds: int = 5, warmup: int = 2, budget
             fns[name]()
             seconds[name].append(time.perf_counter() - start)
     return {name: statistics.median(times) for name, times in seconds.items()}
-
-
-# the most a figure's timed rounds may take (alternating_median_times's budget_s)
-FIGURE_BUDGET_S = 60.0
 
 
 def training_step_fn(task, batch, device_type: str, dtype: torch.dtype | None):
@@ -150,8 +152,7 @@ def training_step_fn(task, batch, device_type: str, dtype: torch.dtype | None):
 def _speedup(task, batch, device: str) -> tuple[float, float]:
     """Median seconds of the task's training step in fp32 and under bf16 autocast."""
     times = alternating_median_times({"fp32": training_step_fn(task, batch, device, None),
-                                      "bf16": training_step_fn(task, batch, device, torch.bfloat16)},
-                                     budget_s=FIGURE_BUDGET_S)
+                                      "bf16": training_step_fn(task, batch, device, torch.bfloat16)})
     return times["fp32"], times["bf16"]
 
 
@@ -274,7 +275,7 @@ def _unet_step_times(profile, device: str) -> dict:
         theirs = None
     else:
         steps["theirs"] = step_fn(theirs, lambda m: m(x, t, encoder_hidden_states=context).sample, dtype)
-    times = alternating_median_times(steps, rounds=3, budget_s=FIGURE_BUDGET_S)
+    times = alternating_median_times(steps, rounds=3)
     return {"precision": precision, "ours": times["bf16" if in_bf16 else "fp32"],
             "fp32": times["fp32"], "bf16": times["bf16"], "theirs": times.get("theirs"), "flops": flops,
             "parameters": [sum(p.numel() for p in m.parameters()) for m in (ours, theirs)] if theirs else None}
@@ -303,7 +304,7 @@ def matmul_rates(device: str, dtypes: tuple[torch.dtype, ...], size: int = 2048)
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
         return run
-    times = alternating_median_times({dtype: product(dtype) for dtype in dtypes}, budget_s=FIGURE_BUDGET_S)
+    times = alternating_median_times({dtype: product(dtype) for dtype in dtypes})
     return [2 * size**3 / times[dtype] for dtype in dtypes]
 
 
@@ -336,7 +337,7 @@ def _sampling_speedups(device: str, profile) -> dict:
         sample(name, other, 2, 2)  # warm-up: two prompts, two steps
     # two rounds, A B C then C B A: whichever runs first does not read slower for it
     seconds = alternating_median_times({key: partial(sample, *run, batch, steps) for key, run in runs.items()},
-                                       rounds=2, warmup=0, budget_s=FIGURE_BUDGET_S)
+                                       rounds=2, warmup=0)
     sampling_bf16_speedup = None
     if device == "cpu":
         latent, other = seconds["latent"], seconds["latent_other_precision"]
@@ -417,7 +418,7 @@ def stage_figures(name: str, profile_name: str, device: str) -> dict:
         # then both precisions in alternating rounds: whether "auto" chose well
         timed(other)
         median = alternating_median_times({p: partial(timed, p) for p in (precision, other)},
-                                          rounds=STEPS_TIMED, warmup=0, budget_s=FIGURE_BUDGET_S)
+                                          rounds=STEPS_TIMED, warmup=0)
         figures["train_images_per_s"] = round(train_cfg.batch_size / median[precision], 1)
         figures["batch_size"] = train_cfg.batch_size
         figures["mixed_precision"] = precision
@@ -445,7 +446,7 @@ def adam_step_times(parameters: list[torch.Tensor], device: str, rounds: int = 9
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
         return run
-    return alternating_median_times({name: timed(name) for name in optimizers}, rounds=rounds, budget_s=FIGURE_BUDGET_S)
+    return alternating_median_times({name: timed(name) for name in optimizers}, rounds=rounds)
 
 
 def peak_resident_mb() -> float | None:
@@ -494,8 +495,7 @@ def _item_cache_times() -> tuple[float, float]:
         item_cache(ITEMS_TIMED, 0, size, autoencoder, (folder,))
         times = alternating_median_times({
             "encode": lambda: ItemCache(ITEMS_TIMED, 0, size, autoencoder),
-            "read": lambda: item_cache(ITEMS_TIMED, 0, size, autoencoder, (folder,))}, rounds=3, warmup=1,
-            budget_s=FIGURE_BUDGET_S)
+            "read": lambda: item_cache(ITEMS_TIMED, 0, size, autoencoder, (folder,))}, rounds=3, warmup=1)
     return times["encode"], times["read"]
 
 
