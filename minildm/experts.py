@@ -76,6 +76,25 @@ def expert_tree(steps: int = 1000, depth: int = 2) -> tuple[list[ExpertNode], tu
     return nodes, (low.name, middle.name, high.name)
 
 
+def samples_on_interval(nodes: list[ExpertNode], steps: dict[str, int], name: str) -> float:
+    """How many steps' worth of training samples node ``name`` drew on its own interval, counting
+    the ones its ancestors drew there before it started from them (each node draws t uniformly on
+    its interval, so the share of its steps that falls on ``name``'s interval counts).
+
+    The equal-cost single model, trained on every t for as many steps as all the nodes
+    together, draws ``total × (high − low) / T`` there: the tree spends some of the same budget on
+    nodes that are not in the ensemble, so an expert can see fewer samples of its interval than
+    the single model does (the middle expert, which starts from the base model, always does)."""
+    by_name = {node.name: node for node in nodes}
+    target = node = by_name[name]
+    total = 0.0
+    while node is not None:
+        overlap = max(0, min(node.high, target.high) - max(node.low, target.low))
+        total += steps[node.name] * overlap / (node.high - node.low)
+        node = by_name.get(node.parent)
+    return total
+
+
 class ExpertRouter(nn.Module):
     """Several UNets as one denoiser: each call is routed by its timestep to the expert whose
     interval holds it. ``trace`` (when not None) collects ``(t, expert name)`` per call — where

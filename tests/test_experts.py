@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from minildm.diffusion import NoiseSchedule
-from minildm.experts import ExpertRouter, equal_mass_split, expert_tree, prompt_switch
+from minildm.experts import ExpertRouter, equal_mass_split, expert_tree, prompt_switch, samples_on_interval
 from minildm.metrics import bootstrap_alignment
 from minildm.samplers import ClassifierFreeGuidance, ddim_sample, sampling_timesteps
 
@@ -40,6 +40,19 @@ def test_the_tree_splits_equal_mass_and_grows_only_at_the_outermost_intervals():
     assert {n.name: (n.low, n.high) for n in deeper}[high3] == (875, 1000)
     with pytest.raises(ValueError):
         expert_tree(1000, depth=0)
+
+
+def test_an_expert_counts_the_samples_its_ancestors_drew_on_its_interval():
+    nodes, (low, middle, high) = expert_tree(1000, depth=2)
+    steps = {"low_1": 100, "high_1": 200, "low_2": 40, "high_2": 10, "middle": 30}
+    assert samples_on_interval(nodes, steps, low) == 40 + 100 * 250 / 500  # half of low_1's t fall on [0, 250)
+    assert samples_on_interval(nodes, steps, high) == 10 + 200 * 250 / 500
+    assert samples_on_interval(nodes, steps, "low_1") == 100, "a first-level node starts from the base"
+    assert samples_on_interval(nodes, steps, middle) == 30, "the middle expert starts from the base"
+    # equal steps per node: the outer experts see more of their interval than a single model trained
+    # as long on every t (1.5 nodes' worth against 5 × 1/4), the middle one less (1 against 5 × 1/2)
+    equal = {node.name: 1 for node in nodes}
+    assert [samples_on_interval(nodes, equal, name) for name in (low, middle, high)] == [1.5, 1.0, 1.5]
 
 
 def test_the_router_sends_each_timestep_to_its_expert():

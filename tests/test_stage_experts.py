@@ -69,6 +69,16 @@ def test_the_card_measures_the_observation_and_the_comparison(experts_run):
     for key in ("alignment_text", "alignment_both", "image_match", "image_match_unconditional", "alignment_style"):
         assert 0 <= e[key] <= 1, key
     assert e["background_distance_text"] >= 0 and e["background_distance_reference"] >= 0
+    losses = m["interval_loss"]
+    assert losses["intervals"] == {role: card["experts"][role]["interval"] for role in experts_stage.ROLES}
+    for name in ("low", "middle", "high", "all"):
+        loss, difference = losses["loss"][name], losses["difference"][name]
+        assert set(loss) == {"experts", "baseline"} and all(v > 0 for v in loss.values()), name
+        assert difference == pytest.approx(loss["experts"] - loss["baseline"], abs=1e-6), name
+        low, high = losses["difference_ci"][name]
+        assert low - 1e-9 <= difference <= high + 1e-9, name
+    per_node = card["nodes"]["middle"]["steps"]
+    assert m["samples_on_interval"]["middle"] == {"experts": per_node, "baseline": card["baseline"]["steps"] / 2}
 
 
 def test_the_loaded_experts_route_by_timestep_and_sample(experts_run):
@@ -79,6 +89,31 @@ def test_the_loaded_experts_route_by_timestep_and_sample(experts_run):
     images = model.pipeline(["a red circle"], steps=10, seed=0)
     assert images.shape == (1, 3, 32, 32)
     assert [name for _, name in model.pipeline.unet.trace] == ["high"] * 2 + ["middle"] * 5 + ["low"] * 3
+
+
+def test_the_interval_loss_tells_the_experts_apart_only_where_they_differ(experts_run):
+    """Experts that are all copies of the single model lose exactly as much as it does; changing
+    the high-noise expert changes the loss on its interval (and on every t) and nowhere else."""
+    import copy
+
+    _, root = experts_run
+    model, card = experts_stage.load(root / "run")
+    single = model.baseline
+    intervals = {role: tuple(card["experts"][role]["interval"]) for role in experts_stage.ROLES}
+    router = ExpertRouter({role: copy.deepcopy(single.unet) for role in intervals}, intervals)
+    copies = copy.copy(single)
+    copies.unet = router
+    same = experts_stage.interval_losses({"experts": copies, "baseline": single}, intervals, n=64)
+    assert all(same["difference"][name] == 0 for name in ("low", "middle", "high")), same["difference"]
+    # every t: the router splits the batch by expert, and smaller batches may round differently
+    assert same["difference"]["all"] == pytest.approx(0, abs=1e-6)
+    with torch.no_grad():
+        for p in router.experts["high"].parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    changed = experts_stage.interval_losses({"experts": copies, "baseline": single}, intervals, n=64)
+    assert changed["difference"]["low"] == 0 and changed["difference"]["middle"] == 0
+    assert abs(changed["difference"]["high"]) > 1e-4 and abs(changed["difference"]["all"]) > 1e-5
+    assert changed["loss"]["low"] == same["loss"]["low"], "the same items, t and noise every time"
 
 
 def test_eval_from_the_command_line_and_wrong_inputs(experts_run, capsys, tmp_path):

@@ -21,7 +21,11 @@ checkpoint). The text tower is frozen in all of these runs, so the experts share
 * the comparison at equal training cost and equal sampling cost (one UNet per step):
   ``alignment``, ``fid`` for the experts, ``base_alignment``, ``base_fid`` for the baseline,
   both on the same prompts with the same noise, with paired-bootstrap 95% intervals over the
-  prompts (``alignment_ci``, ``base_alignment_ci``, ``alignment_gain_ci``).
+  prompts (``alignment_ci``, ``base_alignment_ci``, ``alignment_gain_ci``); and the denoisers
+  themselves: ``interval_loss`` — the training loss on held-out renders in each expert's interval,
+  experts against the single model with the same t and noise (:func:`interval_losses`) — beside
+  ``samples_on_interval``, how many steps' worth of samples each side drew on that interval in
+  training (:func:`minildm.experts.samples_on_interval`).
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from minildm.checkpoints import (CARD, WEIGHTS, atomic_write_file, load_checkpoi
 from minildm.config import EVAL_SEED, DiffusionConfig, Profile, config_from_dict
 from minildm.diffusion import NoiseSchedule
 from minildm.errors import UserError
-from minildm.experts import ExpertRouter, expert_tree, prompt_switch
+from minildm.experts import ExpertNode, ExpertRouter, expert_tree, prompt_switch, samples_on_interval
 from minildm.multi_embedding import image_condition
 from minildm.pipeline import DiffusionPipeline
 from minildm.precision import sampling_autocast
@@ -336,6 +340,52 @@ def text_influence(pipeline: DiffusionPipeline, n: int = 64, levels: int = 20, s
 
 
 @torch.no_grad()
+def interval_losses(pipelines: dict[str, DiffusionPipeline], intervals: dict[str, tuple[int, int]], n: int = 1024,
+                    seed: int = EVAL_SEED, compare: tuple[str, str] = ("experts", "baseline")) -> dict:
+    """The diffusion loss that training lowers, on held-out renders, for each noise interval:
+    does each expert denoise its own interval better than one model trained as long?
+
+    eDiff-I's premise (Sec. 3): one network with only a timestep input must both lay out the
+    image from the text at high noise and add detail at low noise, and experts that each take one
+    interval can do better at the same sampling cost. Alignment and fid read the end product; this
+    reads the denoiser itself. ``n`` renders of the evaluation stream with their category
+    captions; for each interval [lo, hi) of ``intervals`` (and ``"all"``, every t) the same t
+    (uniform on the interval), noise and captions for every model of ``pipelines``; the loss is
+    the training loss, the MSE to the model's target (v, ε or x₀: ``DiffusionTask.loss``).
+
+    Returns ``loss`` {interval: {model: mean}}, and for the pair ``compare`` = (a, b) the mean
+    per-item difference a − b in ``difference`` with its paired-bootstrap 95% interval in
+    ``difference_ci`` (negative: a denoises better)."""
+    from minildm.config import ShapesConfig
+    from minildm.data.captions import category_caption
+    from minildm.data.datasets import shapes_batch
+    from minildm.metrics import bootstrap_alignment
+
+    first = next(iter(pipelines.values()))
+    images, scenes = shapes_batch(seed, range(n), ShapesConfig(image_size=first.image_size))
+    captions = [category_caption(s) for s in scenes]
+    x0 = first.autoencoder.encode(images).float() if first.autoencoder is not None else images
+    schedule, prediction = first.schedule, first.cfg.prediction
+    figures = {"n": n, "intervals": {name: list(bounds) for name, bounds in intervals.items()},
+               "loss": {}, "difference": {}, "difference_ci": {}}
+    for k, (name, bounds) in enumerate([*intervals.items(), ("all", (0, schedule.steps))]):
+        generator = torch.Generator().manual_seed(seed + k)
+        t = schedule.sample_timesteps(n, generator=generator, interval=bounds)
+        noise = torch.randn(x0.shape, generator=generator)
+        x_t, target = schedule.add_noise(x0, noise, t), schedule.target(prediction, x0, noise, t)
+        per_item = {}
+        for model, pipeline in pipelines.items():
+            with sampling_autocast(pipeline.device):
+                output = pipeline.unet(x_t, t, pipeline.conditioning(captions)).float()
+            per_item[model] = ((output - target) ** 2).flatten(1).mean(1)
+        figures["loss"][name] = {model: float(losses.mean()) for model, losses in per_item.items()}
+        a, b = (per_item[model].tolist() for model in compare)
+        figures["difference"][name] = float(np.mean(a) - np.mean(b))
+        figures["difference_ci"][name] = bootstrap_alignment(a, b, ["all"] * n)["difference"]
+    return figures
+
+
+@torch.no_grad()
 def evaluate(model: Experts, n: int = 656, seed: int = EVAL_SEED, judge=None) -> dict:
     """The observation on the single model, and the equal-cost comparison (module docstring)."""
     from minildm.metrics import bootstrap_alignment
@@ -351,6 +401,9 @@ def evaluate(model: Experts, n: int = 656, seed: int = EVAL_SEED, judge=None) ->
     experts = ldm.evaluate(model.pipeline, n, seed, judge=judge, judged=judged)
     base = ldm.evaluate(model.baseline, n, seed, judge=judge, judged=base_judged)
     intervals = bootstrap_alignment(judged["correct"], base_judged["correct"], categories)
+    denoising = interval_losses({"experts": model.pipeline, "baseline": model.baseline},
+                                {role: tuple(e["interval"]) for role, e in model.card["experts"].items()},
+                                n=min(1024, max(64, 2 * n)), seed=seed)
 
     started = time.perf_counter()
     pairs = switch_pairs(min(48, max(4, n // 12)))
@@ -368,6 +421,7 @@ def evaluate(model: Experts, n: int = 656, seed: int = EVAL_SEED, judge=None) ->
         "alignment_gain_ci": intervals["difference"],
         "images_per_second": experts["images_per_second"],
         "base_images_per_second": base["images_per_second"],
+        "interval_loss": denoising, "samples_on_interval": _samples_on_intervals(model.card),
         "prompt_switch": switch["follow_b"],
         "prompt_switch_follow_a": switch["follow_a"],
         **_early_and_late(switch["follow_b"]),
@@ -383,6 +437,16 @@ def evaluate(model: Experts, n: int = 656, seed: int = EVAL_SEED, judge=None) ->
         "embeddings": (embeddings.evaluate(*model.multi, judge, n=min(96, max(4, n // 7)), seed=seed)
                        if model.multi is not None else None),
     }
+
+
+def _samples_on_intervals(card: dict) -> dict:
+    """{role: {"experts": steps' worth of samples the expert (with its ancestors) drew on its
+    interval, "baseline": the same for the single model}} (:func:`minildm.experts.samples_on_interval`)."""
+    nodes = [ExpertNode(**node) for node in card["tree"]]
+    steps = {name: node["steps"] for name, node in card["nodes"].items()}
+    return {role: {"experts": samples_on_interval(nodes, steps, e["node"]),
+                   "baseline": card["baseline"]["steps"] * (e["interval"][1] - e["interval"][0]) / NoiseSchedule().steps}
+            for role, e in card["experts"].items()}
 
 
 def _early_and_late(follow_b: dict) -> dict:
