@@ -219,6 +219,15 @@ def load(path: str | Path | None = None) -> tuple[Experts, dict]:
     return Experts(pipeline, baseline, card, multi), card
 
 
+def base_pipeline(card: dict) -> tuple[DiffusionPipeline, dict]:
+    """The LDM an experts run was fine-tuned from (its card's ``base``: a path as given to
+    ``--base``, or, for the reference, relative to the repository)."""
+    base = Path(card["base"])
+    if not base.is_absolute() and not base.exists():
+        base = REFERENCE.parents[2] / base
+    return ldm.load_pipeline(base)
+
+
 def _part(state: dict, prefix: str) -> dict:
     return {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
 
@@ -421,7 +430,7 @@ def evaluate(model: Experts, n: int = 656, seed: int = EVAL_SEED, judge=None) ->
         "alignment_gain_ci": intervals["difference"],
         "images_per_second": experts["images_per_second"],
         "base_images_per_second": base["images_per_second"],
-        "interval_loss": denoising, "samples_on_interval": _samples_on_intervals(model.card),
+        "interval_loss": denoising, "samples_on_interval": samples_on_intervals(model.card),
         "prompt_switch": switch["follow_b"],
         "prompt_switch_follow_a": switch["follow_a"],
         **_early_and_late(switch["follow_b"]),
@@ -439,7 +448,7 @@ def evaluate(model: Experts, n: int = 656, seed: int = EVAL_SEED, judge=None) ->
     }
 
 
-def _samples_on_intervals(card: dict) -> dict:
+def samples_on_intervals(card: dict) -> dict:
     """{role: {"experts": steps' worth of samples the expert (with its ancestors) drew on its
     interval, "baseline": the same for the single model}} (:func:`minildm.experts.samples_on_interval`)."""
     nodes = [ExpertNode(**node) for node in card["tree"]]
