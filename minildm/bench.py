@@ -3,7 +3,7 @@
 Absolute timings on shared machines are noise; a ratio of two timings taken back to back is
 a fact about the code. Each timing is the median of several repeats after a warm-up; the two
 sides of a training-step, matmul or sampling ratio are timed in alternating rounds
-(:func:`alternating_median_times`). The attention ratio is still timed one side after the other.
+(:func:`alternating_median_times`), as are the two attention layers of the attention ratio.
 
 * ``<stage>_step_bf16_speedup`` — a training step of the stage (the profile's sizes) in fp32
   over the same step under bf16 autocast: whether mixed precision pays on this device. The
@@ -79,13 +79,21 @@ from minildm.precision import bf16_is_faster, bf16_is_native, cpu_sampling_in_bf
 from minildm.train import adam
 
 
+def _synchronized(fn) -> None:
+    """Call ``fn`` and wait for the GPU work it queued, so that a timing covers that work (on a
+    CPU, or before CUDA is first used, it is a plain call)."""
+    fn()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def _median_time(fn, repeats: int = 5, warmup: int = 2) -> float:
     for _ in range(warmup):
-        fn()
+        _synchronized(fn)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        fn()
+        _synchronized(fn)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -106,11 +114,12 @@ def alternating_median_times(fns: dict, rounds: int = 5, warmup: int = 2,
     has no bf16 instructions emulates it, about 18× slower) does not hold the bench for an hour:
     a callable whose first warm-up call took longer than ``budget_s / rounds`` is not warmed up
     again, and no round starts once the timed rounds have taken ``budget_s``. At least one round
-    is always timed, so every figure is still a ratio of timings taken side by side."""
+    is always timed, so every figure is still a ratio of timings taken side by side. On a GPU each
+    call is timed to the end of the work it queued (:func:`_synchronized`)."""
     for fn in fns.values():
         for call in range(warmup):
             start = time.perf_counter()
-            fn()
+            _synchronized(fn)
             if call == 0 and budget_s is not None and time.perf_counter() - start > budget_s / rounds:
                 break
     seconds = {name: [] for name in fns}
@@ -121,7 +130,7 @@ def alternating_median_times(fns: dict, rounds: int = 5, warmup: int = 2,
             break
         for name in order if round_ % 2 == 0 else order[::-1]:
             start = time.perf_counter()
-            fns[name]()
+            _synchronized(fns[name])
             seconds[name].append(time.perf_counter() - start)
     return {name: statistics.median(times) for name, times in seconds.items()}
 
@@ -515,10 +524,9 @@ def _attention_times(profile, device: str, precision: str):
         out = F.scaled_dot_product_attention(split(layer.to_q(h)), split(layer.to_k(h)), split(layer.to_v(h)))
         return layer.to_out(out.transpose(1, 2).reshape(h.shape[0], h.shape[1], -1))
 
-    def timed(forward):
-        def run():
-            with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                forward(x).float().sum().backward()
-        return _median_time(run)
+    def run(forward):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            forward(x).float().sum().backward()
 
-    return timed(sdpa_forward), timed(layer)
+    times = alternating_median_times({"sdpa": partial(run, sdpa_forward), "explicit": partial(run, layer)})
+    return times["sdpa"], times["explicit"]

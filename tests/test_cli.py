@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from minildm.cli import main
 
@@ -93,6 +94,18 @@ def test_bench_times_the_two_sides_of_a_ratio_in_alternating_rounds():
                                      rounds=3, warmup=1)
     assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"], "a warm-up of each, then A B, B A, A B"
     assert set(times) == {"a", "b"} and all(seconds >= 0 for seconds in times.values())
+
+
+def test_bench_waits_for_the_gpu_after_every_timed_call(monkeypatch):
+    """On CUDA a call returns once its kernels are queued: each timing must wait for them."""
+    from minildm.bench import alternating_median_times
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: calls.append("sync"))
+    alternating_median_times({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=1, warmup=1)
+    assert calls == ["a", "sync", "b", "sync", "a", "sync", "b", "sync"]
 
 
 def test_bench_gives_a_slow_figure_fewer_rounds_within_its_budget():
