@@ -281,6 +281,8 @@ def _cpu() -> Profile:
                 # the several-embeddings model: at 900 steps its image route was still weak (an image
                 # alone gave its object 13% of the time against 4% with nothing); 1800 steps, 23%
                 "multi_embedding_steps": 1800, "paint_eval_n": 160,
+                # how the experts are grown: "tree" (eDiff-I's) or "flat" (its control: minildm.experts.flat_experts)
+                "experts_split": "tree",
                 "add_cache_size": 8192},
     )
 

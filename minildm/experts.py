@@ -76,6 +76,45 @@ def expert_tree(steps: int = 1000, depth: int = 2) -> tuple[list[ExpertNode], tu
     return nodes, (low.name, middle.name, high.name)
 
 
+SPLITS = ("tree", "flat")  # how the experts are grown: eDiff-I's tree, or the control (flat_experts)
+
+
+def flat_experts(steps: int = 1000) -> tuple[list[ExpertNode], tuple[str, str, str]]:
+    """The control for the tree, not eDiff-I's method: the same three intervals as the depth-2
+    tree's ensemble, each expert fine-tuned straight from the base model.
+
+    Given the tree's total budget in proportion to their widths (:func:`node_budgets`), each
+    expert draws exactly as many samples of its interval as the equal-cost single model does,
+    so the comparison measures specialisation alone; the tree spends part of the budget on
+    first-level nodes, and its middle expert sees fewer samples of its interval than the single
+    model (:func:`samples_on_interval`)."""
+    tree, (low, middle, high) = expert_tree(steps)
+    edges = {node.name: (node.low, node.high) for node in tree}
+    nodes = [ExpertNode(role, *edges[name], None) for role, name in zip(("low", "middle", "high"), (low, middle, high))]
+    return nodes, ("low", "middle", "high")
+
+
+def expert_nodes(split: str, steps: int = 1000) -> tuple[list[ExpertNode], tuple[str, str, str]]:
+    """The nodes to fine-tune and the ensemble for ``split``, one of :data:`SPLITS`."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    return expert_tree(steps) if split == "tree" else flat_experts(steps)
+
+
+def node_budgets(split: str, nodes: list[ExpertNode], per_node: int) -> dict[str, int]:
+    """Fine-tuning steps per node. The budget is the tree's, ``per_node`` steps for each of its
+    five nodes; the tree spends it evenly, the flat split in proportion to each interval's width
+    (the widest interval takes what rounding leaves)."""
+    if split == "tree":
+        return {node.name: per_node for node in nodes}
+    total = per_node * len(expert_tree()[0])
+    span = sum(node.high - node.low for node in nodes)
+    budgets = {node.name: round(total * (node.high - node.low) / span) for node in nodes}
+    widest = max(nodes, key=lambda node: node.high - node.low).name
+    budgets[widest] += total - sum(budgets.values())
+    return budgets
+
+
 def samples_on_interval(nodes: list[ExpertNode], steps: dict[str, int], name: str) -> float:
     """How many steps' worth of training samples node ``name`` drew on its own interval, counting
     the ones its ancestors drew there before it started from them (each node draws t uniformly on

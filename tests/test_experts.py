@@ -5,7 +5,8 @@ import torch
 import torch.nn as nn
 
 from minildm.diffusion import NoiseSchedule
-from minildm.experts import ExpertRouter, equal_mass_split, expert_tree, prompt_switch, samples_on_interval
+from minildm.experts import (ExpertRouter, equal_mass_split, expert_nodes, expert_tree, flat_experts, node_budgets,
+                             prompt_switch, samples_on_interval)
 from minildm.metrics import bootstrap_alignment
 from minildm.samplers import ClassifierFreeGuidance, ddim_sample, sampling_timesteps
 
@@ -53,6 +54,24 @@ def test_an_expert_counts_the_samples_its_ancestors_drew_on_its_interval():
     # as long on every t (1.5 nodes' worth against 5 × 1/4), the middle one less (1 against 5 × 1/2)
     equal = {node.name: 1 for node in nodes}
     assert [samples_on_interval(nodes, equal, name) for name in (low, middle, high)] == [1.5, 1.0, 1.5]
+
+
+def test_the_flat_control_gives_each_expert_the_single_models_samples_of_its_interval():
+    tree, tree_ensemble = expert_tree(1000)
+    nodes, ensemble = flat_experts(1000)
+    assert ensemble == ("low", "middle", "high") and all(node.parent is None for node in nodes)
+    by_name = {node.name: node for node in tree}
+    assert [(n.low, n.high) for n in nodes] == [(by_name[name].low, by_name[name].high) for name in tree_ensemble]
+    for per_node in (225, 4, 7):
+        budgets = node_budgets("flat", nodes, per_node)
+        assert sum(budgets.values()) == 5 * per_node, "the tree's budget: five nodes"
+        assert sum(node_budgets("tree", tree, per_node).values()) == 5 * per_node
+        for node in nodes:  # the single model, trained on every t for the same total, draws total × width / T
+            share = 5 * per_node * (node.high - node.low) / 1000
+            assert abs(samples_on_interval(nodes, budgets, node.name) - share) <= 1, (per_node, node.name)
+    assert node_budgets("flat", nodes, 225) == {"low": 281, "middle": 563, "high": 281}
+    with pytest.raises(ValueError, match="tree"):
+        expert_nodes("deep")
 
 
 def test_the_router_sends_each_timestep_to_its_expert():

@@ -129,6 +129,25 @@ def test_eval_from_the_command_line_and_wrong_inputs(experts_run, capsys, tmp_pa
     assert "--base applies" in capsys.readouterr().err
 
 
+def test_the_flat_control_trains_three_experts_straight_from_the_base(experts_run, tmp_path, capsys):
+    _, root = experts_run
+    profile = with_overrides(get_profile("smoke"), ["extras.experts_split=flat"])
+    card = experts_stage.train(profile, str(tmp_path / "flat"), base=str(root / "base"), progress=False, eval_n=6)
+    per_node = profile.experts_train.steps
+    assert card["split"] == "flat" and [n["name"] for n in card["tree"]] == ["low", "middle", "high"]
+    assert {name: node["steps"] for name, node in card["nodes"].items()} == {"low": 5, "middle": 10, "high": 5}
+    assert card["steps"] == card["baseline"]["steps"] == 5 * per_node
+    assert all(s["experts"] == s["baseline"] for s in card["metrics"]["samples_on_interval"].values())
+    assert experts_stage.part_done(tmp_path / "flat", "tree", "flat")
+    assert not experts_stage.part_done(tmp_path / "flat", "tree"), "the tree's nodes were not trained"
+    model, _ = experts_stage.load(tmp_path / "flat")
+    assert model.pipeline(["a red circle"], steps=4, seed=0).shape == (1, 3, 32, 32)
+    assert main(["train", "experts", "--profile", "smoke", "--base", str(root / "base"), "--out", str(tmp_path / "x"),
+                 "--set", "extras.experts_split=deep"]) == 2
+    assert "expected one of tree, flat" in capsys.readouterr().err
+    assert not any((tmp_path / "x").iterdir()), "nothing written"
+
+
 def test_the_experts_read_the_base_runs_encoded_items(experts_run):
     """The base LDM keeps its encoded items; the tree, the baseline and the multi-embedding model
     read them there rather than encoding (and keeping) their own."""

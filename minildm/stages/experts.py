@@ -5,6 +5,9 @@
 on its timestep interval — and, for the comparison at equal cost, fine-tunes the base model on
 every timestep for the same total number of steps (``RUN/baseline``, an ordinary LDM
 checkpoint). The text tower is frozen in all of these runs, so the experts share one.
+``--set extras.experts_split=flat`` grows the tree's control instead: its three experts fine-tuned
+straight from the base, each drawing as many samples of its interval as the single model
+(:func:`minildm.experts.flat_experts`).
 
 ``minildm eval experts`` measures:
 
@@ -45,7 +48,8 @@ from minildm.checkpoints import (CARD, WEIGHTS, atomic_write_file, load_checkpoi
 from minildm.config import EVAL_SEED, DiffusionConfig, Profile, config_from_dict
 from minildm.diffusion import NoiseSchedule
 from minildm.errors import UserError
-from minildm.experts import ExpertNode, ExpertRouter, expert_tree, prompt_switch, samples_on_interval
+from minildm.experts import (SPLITS, ExpertNode, ExpertRouter, expert_nodes, node_budgets, prompt_switch,
+                             samples_on_interval)
 from minildm.multi_embedding import image_condition
 from minildm.pipeline import DiffusionPipeline
 from minildm.precision import sampling_autocast
@@ -109,7 +113,12 @@ def train(profile: Profile, out: str, *, base: str | None = None, resume=False, 
     cache = functools.cache(lambda: item_cache(
         profile.extras.get("cache_size", 40_000), train_cfg.seed, image_size, autoencoder, (out, base_path),
         embed_images=functools.partial(image_condition, encoder) if part in (None, "multi") else None))
-    nodes, ensemble = expert_tree(NoiseSchedule().steps)
+    split = profile.extras.get("experts_split", "tree")
+    if split not in SPLITS:
+        raise UserError(f"extras.experts_split={split}: expected one of {', '.join(SPLITS)} "
+                        "(tree: eDiff-I's; flat: its control, three experts straight from the base)")
+    nodes, ensemble = expert_nodes(split, NoiseSchedule().steps)
+    budgets = node_budgets(split, nodes, train_cfg.steps)
 
     def fine_tune(name: str, start: dict, interval, run_cfg) -> tuple[dict, dict]:
         run_dir = run_folder(out, name)
@@ -127,11 +136,12 @@ def train(profile: Profile, out: str, *, base: str | None = None, resume=False, 
     states, node_cards = {None: base_state}, {}
     if part in (None, "tree"):
         for node in nodes:
-            states[node.name], node_cards[node.name] = fine_tune(node.name, states[node.parent],
-                                                                (node.low, node.high), train_cfg)
+            states[node.name], node_cards[node.name] = fine_tune(
+                node.name, states[node.parent], (node.low, node.high),
+                dataclasses.replace(train_cfg, steps=budgets[node.name]))
     if part in (None, "baseline"):
         # the same budget for the single model: as many steps as all the nodes together, every t
-        total = train_cfg.steps * len(nodes)
+        total = sum(budgets.values())
         _, baseline_card = fine_tune("baseline", base_state, None, dataclasses.replace(train_cfg, steps=total))
     # Sec. 4.2: one model on several embeddings at once, fine-tuned from the same base
     multi_dir = run_folder(out, MULTI)
@@ -158,7 +168,7 @@ def train(profile: Profile, out: str, *, base: str | None = None, resume=False, 
         "stage": STAGE, "config": {"diffusion": dataclasses.asdict(cfg)},
         "train": dataclasses.asdict(train_cfg), "profile": profile.name, "image_size": image_size,
         "base": str(base_path), "parts": parts, "command": command,
-        "tree": [dataclasses.asdict(node) for node in nodes],
+        "split": split, "tree": [dataclasses.asdict(node) for node in nodes],
         "experts": {role: {"node": name, "interval": [by_name[name].low, by_name[name].high]}
                     for role, name in zip(ROLES, ensemble)},
         "nodes": {name: {k: c[k] for k in ("steps", "wall_time_s", "final_loss")} for name, c in node_cards.items()},
@@ -183,9 +193,10 @@ def train(profile: Profile, out: str, *, base: str | None = None, resume=False, 
 default_eval_n = ldm.default_eval_n
 
 
-def part_done(out: str | Path, part: str) -> bool:
-    """Whether ``part`` (one of :data:`PARTS`) of the experts run in ``out`` is finished: its runs have cards."""
-    names = {"tree": [node.name for node in expert_tree(NoiseSchedule().steps)[0]],
+def part_done(out: str | Path, part: str, split: str = "tree") -> bool:
+    """Whether ``part`` (one of :data:`PARTS`) of the experts run in ``out``, grown as ``split``,
+    is finished: its runs have cards."""
+    names = {"tree": [node.name for node in expert_nodes(split, NoiseSchedule().steps)[0]],
              "baseline": ["baseline"], "multi": [MULTI]}[part]
     return all((run_folder(out, name) / CARD).exists() for name in names)
 
