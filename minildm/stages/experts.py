@@ -59,6 +59,8 @@ from minildm.stages.items import item_cache
 from minildm.unet import UNet
 
 REFERENCE = Path(__file__).resolve().parents[2] / "data" / "checkpoints" / "experts"
+# the card of the reference's control, `--set extras.experts_split=flat` (its weights are not kept)
+FLAT_MEASUREMENT = Path(__file__).resolve().parents[2] / "data" / "measurements" / "experts_flat.json"
 STAGE = "experts"
 ROLES = ("low", "middle", "high")
 MULTI = "multi_embedding"  # the run folder of the several-embeddings model
@@ -371,7 +373,8 @@ def interval_losses(pipelines: dict[str, DiffusionPipeline], intervals: dict[str
     reads the denoiser itself. ``n`` renders of the evaluation stream with their category
     captions; for each interval [lo, hi) of ``intervals`` (and ``"all"``, every t) the same t
     (uniform on the interval), noise and captions for every model of ``pipelines``; the loss is
-    the training loss, the MSE to the model's target (v, ε or x₀: ``DiffusionTask.loss``).
+    the training loss, the MSE to the model's target (v, ε or x₀: ``DiffusionTask.loss``). The
+    models share the first one's autoencoder, schedule and prediction (fine-tunings of one LDM).
 
     Returns ``loss`` {interval: {model: mean}}, and for the pair ``compare`` = (a, b) the mean
     per-item difference a − b in ``difference`` with its paired-bootstrap 95% interval in
@@ -384,7 +387,7 @@ def interval_losses(pipelines: dict[str, DiffusionPipeline], intervals: dict[str
     first = next(iter(pipelines.values()))
     images, scenes = shapes_batch(seed, range(n), ShapesConfig(image_size=first.image_size))
     captions = [category_caption(s) for s in scenes]
-    x0 = first.autoencoder.encode(images).float() if first.autoencoder is not None else images
+    x0 = first.autoencoder.encode(images.to(first.device)).float().cpu() if first.autoencoder is not None else images
     schedule, prediction = first.schedule, first.cfg.prediction
     figures = {"n": n, "intervals": {name: list(bounds) for name, bounds in intervals.items()},
                "loss": {}, "difference": {}, "difference_ci": {}}
@@ -395,8 +398,9 @@ def interval_losses(pipelines: dict[str, DiffusionPipeline], intervals: dict[str
         x_t, target = schedule.add_noise(x0, noise, t), schedule.target(prediction, x0, noise, t)
         per_item = {}
         for model, pipeline in pipelines.items():
-            with sampling_autocast(pipeline.device):
-                output = pipeline.unet(x_t, t, pipeline.conditioning(captions)).float()
+            device = pipeline.device
+            with sampling_autocast(device):
+                output = pipeline.unet(x_t.to(device), t.to(device), pipeline.conditioning(captions)).float().cpu()
             per_item[model] = ((output - target) ** 2).flatten(1).mean(1)
         figures["loss"][name] = {model: float(losses.mean()) for model, losses in per_item.items()}
         a, b = (per_item[model].tolist() for model in compare)
