@@ -96,6 +96,10 @@ def train(profile: Profile, out: str, *, base: str | None = None, resume=False, 
     if data not in (None, "shapes"):
         raise UserError(f"--data {data}: the experts are measured by the judge on the shapes world's "
                         "prompts, so they accept only --data shapes")
+    split = profile.extras.get("experts_split", "tree")
+    if split not in SPLITS:
+        raise UserError(f"extras.experts_split={split}: expected one of {', '.join(SPLITS)} "
+                        "(tree: eDiff-I's; flat: its control, three experts straight from the base)")
     out = Path(out)
     if (out / CARD).exists() and not resume:
         raise UserError(f"{out} already holds a finished experts run; choose another --out")
@@ -115,10 +119,6 @@ def train(profile: Profile, out: str, *, base: str | None = None, resume=False, 
     cache = functools.cache(lambda: item_cache(
         profile.extras.get("cache_size", 40_000), train_cfg.seed, image_size, autoencoder, (out, base_path),
         embed_images=functools.partial(image_condition, encoder) if part in (None, "multi") else None))
-    split = profile.extras.get("experts_split", "tree")
-    if split not in SPLITS:
-        raise UserError(f"extras.experts_split={split}: expected one of {', '.join(SPLITS)} "
-                        "(tree: eDiff-I's; flat: its control, three experts straight from the base)")
     nodes, ensemble = expert_nodes(split, NoiseSchedule().steps)
     budgets = node_budgets(split, nodes, train_cfg.steps)
 
@@ -389,6 +389,7 @@ def interval_losses(pipelines: dict[str, DiffusionPipeline], intervals: dict[str
     captions = [category_caption(s) for s in scenes]
     x0 = first.autoencoder.encode(images.to(first.device)).float().cpu() if first.autoencoder is not None else images
     schedule, prediction = first.schedule, first.cfg.prediction
+    conditions = {model: pipeline.conditioning(captions) for model, pipeline in pipelines.items()}  # once per model
     figures = {"n": n, "intervals": {name: list(bounds) for name, bounds in intervals.items()},
                "loss": {}, "difference": {}, "difference_ci": {}}
     for k, (name, bounds) in enumerate([*intervals.items(), ("all", (0, schedule.steps))]):
@@ -400,7 +401,7 @@ def interval_losses(pipelines: dict[str, DiffusionPipeline], intervals: dict[str
         for model, pipeline in pipelines.items():
             device = pipeline.device
             with sampling_autocast(device):
-                output = pipeline.unet(x_t.to(device), t.to(device), pipeline.conditioning(captions)).float().cpu()
+                output = pipeline.unet(x_t.to(device), t.to(device), conditions[model]).float().cpu()
             per_item[model] = ((output - target) ** 2).flatten(1).mean(1)
         figures["loss"][name] = {model: float(losses.mean()) for model, losses in per_item.items()}
         a, b = (per_item[model].tolist() for model in compare)
