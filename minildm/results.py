@@ -41,6 +41,13 @@ def _ratio(a, b):
     return None if a is None or not b else a / b
 
 
+def _loss_ratio(experts: dict, interval: str = "all"):
+    """The experts' held-out diffusion loss over the single model's on ``interval`` (``interval_loss``
+    of the experts' evaluate; None for figures measured before it existed)."""
+    loss = experts.get("interval_loss", {}).get("loss", {}).get(interval)
+    return None if loss is None else _ratio(loss["experts"], loss["baseline"])
+
+
 def _style_ratio(embeddings: dict | None):
     """Background distance with the reference's image condition over the caption's alone (None
     when the experts run has no multi-embedding model)."""
@@ -86,6 +93,12 @@ CLAIMS = (
           "judge alignment, experts minus the single model fine-tuned for the same total steps",
           lambda f: f["experts"]["alignment_gain"], _target("experts", "alignment_gain"),
           "better FID–CLIP trade-off at every guidance scale (Fig. 7)"),
+    Claim("eDiff-I", "… because each expert denoises its noise levels better than one network can",
+          "held-out diffusion loss (the training objective, the same renders, t and noise for both) over every t, "
+          "experts over the single model: below 1, the experts denoise better (each interval: notebook 04)",
+          lambda f: _loss_ratio(f["experts"]), None,
+          "— (its premise, Sec. 3: one network with only a time input has limited capacity to both lay out "
+          "the image from the text at high noise and add detail at low noise)"),
     Claim("eDiff-I", "a reference image's embedding carries its style into a new caption",
           "background brightness distance to a dark or light reference, the new caption sampled with the reference's "
           "image condition over the caption alone (the multi-embedding model; a ratio below 1 moves toward it)",

@@ -14,7 +14,9 @@ def _figures(**overrides):
         "pixel": {"images_per_second": 2.0, "fid": 800.0, "alignment": 0.2},
         "experts": {"follow_b_early": 0.9, "follow_b_late": 0.05, "follow_b_late_karras": 0.02, "alignment_gain": 0.01,
                     "prompt_switch": {"0.0": 1.0, "0.5": 0.6, "0.9": 0.04, "1.0": 0.0},
-                    "embeddings": {"background_distance_reference": 0.09, "background_distance_text": 0.12}},
+                    "embeddings": {"background_distance_reference": 0.09, "background_distance_text": 0.12},
+                    "interval_loss": {"loss": {"low": {"experts": 0.24, "baseline": 0.25},
+                                               "all": {"experts": 0.297, "baseline": 0.300}}}},
         "paint": {"placement": 0.3, "alignment_drop": 0.02},
         "add": {"alignment_ratio_1step": 0.95, "fid_ratio_1step": 1.2, "alignment_4step_minus_1step": 0.04,
                 "alignment_1step_minus_teacher_ddim_1step": 0.5, "speedup_1step": 30.0},
@@ -62,6 +64,17 @@ def test_a_verdict_follows_the_number():
     unmoved = _figures(experts__embeddings={"background_distance_reference": 0.12, "background_distance_text": 0.12})
     assert _row(results.claims_table(unmoved), style)["met"] is False
     assert _row(results.claims_table(_figures(experts__embeddings=None)), style)["ours"] is None
+
+
+def test_the_denoising_row_reads_the_loss_over_every_t_and_sets_no_target():
+    denoising = "… because each expert denoises its noise levels better than one network can"
+    row = _row(results.claims_table(_figures()), denoising)
+    assert row["ours"] == pytest.approx(0.99) and row["target"] is None and row["met"] is None
+    worse = _figures(experts__interval_loss={"loss": {"all": {"experts": 0.33, "baseline": 0.30}}})
+    assert _row(results.claims_table(worse), denoising)["ours"] == pytest.approx(1.1)
+    older = _figures(experts__interval_loss=None)  # figures measured before interval_loss existed
+    older["experts"].pop("interval_loss")
+    assert _row(results.claims_table(older), denoising)["ours"] is None
 
 
 def test_markdown_marks_the_misses():

@@ -319,19 +319,31 @@ def prompt_switch_curve(pipeline: DiffusionPipeline, judge, pairs: list[tuple[st
 
 
 @torch.no_grad()
+def held_out_latents(pipeline: DiffusionPipeline, n: int, seed: int) -> tuple[torch.Tensor, list]:
+    """``n`` renders of the shapes stream from ``seed``, encoded by the pipeline's autoencoder on
+    its device (the renders themselves for a pixel model), returned on the CPU with their scenes:
+    the x₀ that :func:`text_influence` and :func:`interval_losses` noise and denoise."""
+    from minildm.config import ShapesConfig
+    from minildm.data.datasets import shapes_batch
+
+    images, scenes = shapes_batch(seed, range(n), ShapesConfig(image_size=pipeline.image_size))
+    if pipeline.autoencoder is None:
+        return images, scenes
+    return pipeline.autoencoder.encode(images.to(pipeline.device)).float().cpu(), scenes
+
+
+@torch.no_grad()
 def text_influence(pipeline: DiffusionPipeline, n: int = 64, levels: int = 20, seed: int = EVAL_SEED) -> dict:
     """t → ‖x̂₀(c) − x̂₀(∅)‖ / ‖x̂₀(c)‖ on noised latents of real renders with their captions, and
     t → the mean normalised entropy of the cross-attention maps (1: uniform over the tokens)."""
     from minildm.attention import AttentionStore, install_hook
     from minildm.data.captions import category_caption
-    from minildm.data.datasets import shapes_batch
-    from minildm.config import ShapesConfig
 
-    images, scenes = shapes_batch(seed + 1, range(n), ShapesConfig(image_size=pipeline.image_size))
-    z0 = pipeline.autoencoder.encode(images).float() if pipeline.autoencoder is not None else images
+    z0, scenes = held_out_latents(pipeline, n, seed + 1)
     cond = pipeline.conditioning([category_caption(s) for s in scenes])
     null = pipeline.null_like(cond)
-    tokens = cond["mask"].sum(1).float()  # valid tokens per caption
+    tokens = cond["mask"].sum(1).float().cpu()  # valid tokens per caption
+    device = pipeline.device
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn(z0.shape, generator=generator)
     schedule = pipeline.schedule
@@ -343,12 +355,12 @@ def text_influence(pipeline: DiffusionPipeline, n: int = 64, levels: int = 20, s
         store = AttentionStore()
         install_hook(pipeline.unet, store)
         try:
-            with sampling_autocast(pipeline.device):
-                out_c = pipeline.unet(x_t, tt, cond).float()
+            with sampling_autocast(device):
+                out_c = pipeline.unet(x_t.to(device), tt.to(device), cond).float().cpu()
         finally:
             install_hook(pipeline.unet, None)
-        with sampling_autocast(pipeline.device):
-            out_u = pipeline.unet(x_t, tt, null).float()
+        with sampling_autocast(device):
+            out_u = pipeline.unet(x_t.to(device), tt.to(device), null).float().cpu()
         x0_c = schedule.predicted_x0(pipeline.cfg.prediction, out_c, x_t, tt)
         x0_u = schedule.predicted_x0(pipeline.cfg.prediction, out_u, x_t, tt)
         influence[str(t)] = float(((x0_c - x0_u).flatten(1).norm(dim=1) / x0_c.flatten(1).norm(dim=1)).mean())
@@ -379,15 +391,12 @@ def interval_losses(pipelines: dict[str, DiffusionPipeline], intervals: dict[str
     Returns ``loss`` {interval: {model: mean}}, and for the pair ``compare`` = (a, b) the mean
     per-item difference a − b in ``difference`` with its paired-bootstrap 95% interval in
     ``difference_ci`` (negative: a denoises better)."""
-    from minildm.config import ShapesConfig
     from minildm.data.captions import category_caption
-    from minildm.data.datasets import shapes_batch
     from minildm.metrics import bootstrap_alignment
 
     first = next(iter(pipelines.values()))
-    images, scenes = shapes_batch(seed, range(n), ShapesConfig(image_size=first.image_size))
+    x0, scenes = held_out_latents(first, n, seed)
     captions = [category_caption(s) for s in scenes]
-    x0 = first.autoencoder.encode(images.to(first.device)).float().cpu() if first.autoencoder is not None else images
     schedule, prediction = first.schedule, first.cfg.prediction
     conditions = {model: pipeline.conditioning(captions) for model, pipeline in pipelines.items()}  # once per model
     figures = {"n": n, "intervals": {name: list(bounds) for name, bounds in intervals.items()},
