@@ -41,11 +41,12 @@ def _ratio(a, b):
     return None if a is None or not b else a / b
 
 
-def _loss_ratio(experts: dict, interval: str = "all"):
-    """The experts' held-out diffusion loss over the single model's on ``interval`` (``interval_loss``
-    of the experts' evaluate; None for figures measured before it existed)."""
+def _loss_change_percent(experts: dict, interval: str = "all"):
+    """The experts' held-out diffusion loss minus the single model's on ``interval``, in % of the
+    single model's (``interval_loss`` of the experts' evaluate; None for figures measured before it
+    existed). A percentage, not a ratio: the differences are a few tenths of a percent."""
     loss = experts.get("interval_loss", {}).get("loss", {}).get(interval)
-    return None if loss is None else _ratio(loss["experts"], loss["baseline"])
+    return None if loss is None else 100 * (loss["experts"] - loss["baseline"]) / loss["baseline"]
 
 
 def _style_ratio(embeddings: dict | None):
@@ -95,8 +96,9 @@ CLAIMS = (
           "better FID–CLIP trade-off at every guidance scale (Fig. 7)"),
     Claim("eDiff-I", "… because each expert denoises its noise levels better than one network can",
           "held-out diffusion loss (the training objective, the same renders, t and noise for both) over every t, "
-          "experts over the single model: below 1, the experts denoise better (each interval: notebook 04)",
-          lambda f: _loss_ratio(f["experts"]), None,
+          "experts minus the single model in % of the single model's: below 0, the experts denoise better "
+          "(each interval: notebook 04)",
+          lambda f: _loss_change_percent(f["experts"]), None,
           "— (its premise, Sec. 3: one network with only a time input has limited capacity to both lay out "
           "the image from the text at high noise and add detail at low noise)"),
     Claim("eDiff-I", "a reference image's embedding carries its style into a new caption",

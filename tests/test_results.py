@@ -69,9 +69,9 @@ def test_a_verdict_follows_the_number():
 def test_the_denoising_row_reads_the_loss_over_every_t_and_sets_no_target():
     denoising = "… because each expert denoises its noise levels better than one network can"
     row = _row(results.claims_table(_figures()), denoising)
-    assert row["ours"] == pytest.approx(0.99) and row["target"] is None and row["met"] is None
-    worse = _figures(experts__interval_loss={"loss": {"all": {"experts": 0.33, "baseline": 0.30}}})
-    assert _row(results.claims_table(worse), denoising)["ours"] == pytest.approx(1.1)
+    assert row["ours"] == pytest.approx(-1.0) and row["target"] is None and row["met"] is None
+    worse = _figures(experts__interval_loss={"loss": {"all": {"experts": 0.303, "baseline": 0.30}}})
+    assert _row(results.claims_table(worse), denoising)["ours"] == pytest.approx(1.0)
     older = _figures(experts__interval_loss=None)  # figures measured before interval_loss existed
     older["experts"].pop("interval_loss")
     assert _row(results.claims_table(older), denoising)["ours"] is None
