@@ -76,3 +76,18 @@ def test_a_damaged_items_file_is_encoded_again(autoencoder, tmp_path):
 def test_pixel_space_keeps_nothing(tmp_path):
     cache = item_cache(4, 0, 32, None, (tmp_path,))
     assert cache.latents is None and not (tmp_path / ITEMS).exists()
+
+
+def test_the_items_are_encoded_on_the_gpu_when_there_is_one_and_the_autoencoder_stays_put(autoencoder, monkeypatch):
+    from minildm.stages import items
+
+    here = ItemCache(6, 2, 32, autoencoder)
+    images, _ = items.shapes_batch(2, range(6), items.ShapesConfig(image_size=32))
+    with torch.no_grad():
+        assert torch.equal(here.latents, autoencoder.encode(images).float())
+    assert here.latents.device.type == "cpu" and next(autoencoder.parameters()).device.type == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert items.encoding_device() == torch.device("cuda", 1), "each torchrun rank encodes on its own GPU"
+    monkeypatch.delenv("LOCAL_RANK")
+    assert items.encoding_device() == torch.device("cuda", 0)
