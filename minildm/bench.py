@@ -391,12 +391,31 @@ def stage_task(name: str, profile):
         task = ClipTask(profile.clip, profile.clip_train.batch_size, profile.clip_train.seed)
     elif name in ("ldm", "pixel"):
         train_cfg = getattr(profile, f"{name}_train")
-        task = ldm.make_task(name, getattr(profile, name), train_cfg, profile, cache_size=2 * train_cfg.batch_size)
+        task = ldm.make_task(name, getattr(profile, name), train_cfg, profile, profile_sized_parts(profile),
+                             cache_size=2 * train_cfg.batch_size)
     elif name == "add":
         task = add_stage.make_task(profile, profile.add_train, cache_size=2 * profile.add_train.batch_size)[0]
     else:
         raise ValueError(f"no throughput figure for stage {name!r}")
     return task, task.batch(0, 0, 1)
+
+
+def profile_sized_parts(profile) -> dict | None:
+    """The diffusion stages' frozen parts for timing their steps: None (the reference text encoder
+    and autoencoder) when those fit the profile; else an untrained text encoder and autoencoder of
+    the profile's own configurations. The references are the cpu profile's (32 px, 64-wide text
+    tokens); the gpu profile's UNets take 64 px images and 128-wide tokens, and no reference of
+    that size ships. A step's time does not depend on the weights."""
+    from minildm.autoencoder import AutoencoderKL
+    from minildm.stages import ae as ae_stage
+    from minildm.stages import clip as clip_stage
+    from minildm.stages.clip import ClipTask
+
+    encoder, autoencoder = clip_stage.load(None)[0], ae_stage.load(None)[0]
+    text_width = encoder.clip.config.text_config.hidden_size
+    if (autoencoder.cfg.image_size, text_width) == (profile.shapes.image_size, profile.ldm.unet.context_dim):
+        return None
+    return {"encoder": ClipTask(profile.clip, 1, 0).model, "autoencoder": AutoencoderKL(profile.ae)}
 
 
 def stage_figures(name: str, profile_name: str, device: str) -> dict:

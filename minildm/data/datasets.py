@@ -157,10 +157,10 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
 
 def load_image_dataset(spec: str, image_size: int, n: int = 10_000, seed: int = 0):
     """The dataset named by ``--data SPEC`` (see the module docstring); a clear error otherwise."""
-    import datasets
-
     if spec == "shapes":
         return ShapesDataset(n, seed, ShapesConfig(image_size=image_size))
+    import datasets  # only for the learner's own images: the shapes world needs no more than torch
+
     if spec.startswith("hub:"):
         return ImageCaptionDataset(_load_hub(spec[4:]), image_size, spec)
     path = Path(spec)

@@ -128,21 +128,28 @@ def _parts(space: str, image_size: int, parts: dict | None = None):
     """The frozen text/image encoder and, in latent space, the autoencoder of a diffusion model.
 
     ``parts`` (a card's ``"parts"``) names the runs it was trained with: ``{"encoder": RUN,
-    "autoencoder": RUN}``; a missing or None entry means the reference. The course trains its
+    "autoencoder": RUN}``; a missing or None entry means the reference, a model is used as it is. The course trains its
     LDM on its own autoencoder and encoder; ``minildm train ldm`` uses the references unless told.
     """
     from minildm.stages import ae as ae_stage
     from minildm.stages import clip as clip_stage
 
     parts = parts or {}
-    encoder = clip_stage.load(parts.get("encoder"))[0]
+    encoder = _part(clip_stage, parts.get("encoder"))
     for p in encoder.parameters():
         p.requires_grad_(False)
-    autoencoder = ae_stage.load(parts.get("autoencoder"))[0] if space == "latent" else None
+    autoencoder = _part(ae_stage, parts.get("autoencoder")) if space == "latent" else None
     if autoencoder is not None and autoencoder.cfg.image_size != image_size:
         raise UserError(f"the autoencoder {parts.get('autoencoder') or '(reference)'} makes {autoencoder.cfg.image_size} px images, this "
                         f"profile {image_size} px; train an autoencoder of that size first")
     return encoder, autoencoder
+
+
+def _part(stage, given):
+    """A frozen part: the run (or checkpoint) ``given`` loaded, the reference when None, or ``given``
+    itself when it is already a model (``minildm bench`` times the gpu profile's steps with
+    untrained parts of its sizes)."""
+    return given if isinstance(given, torch.nn.Module) else stage.load(given)[0]
 
 
 def make_task(stage: str, cfg: DiffusionConfig, train_cfg, profile: Profile, parts: dict | None = None,
