@@ -10,6 +10,10 @@ sides of a training-step, matmul or sampling ratio are timed in alternating roun
   autoencoder's step is timed with its GAN and judge-feature terms switched on.
 * ``data_share_of_step`` — rendering a batch of the shapes world over a whole judge step:
   whether the procedural data is the bottleneck.
+* ``judge_batches_workers_speedup`` — drawing the judge's batches in the training process over
+  drawing them with ``render_workers_timed`` worker processes (the number a GPU run on this
+  machine would use, at least 2; :mod:`minildm.prefetch`), their start-up counted: what drawing
+  ahead gains where the renderer, not the network, would set the pace.
 * ``unet_step_speed_vs_diffusers`` — a training step of diffusers' ``UNet2DConditionModel`` at
   the configuration matched to the ldm stage's UNet (same widths, levels, attention levels,
   heads, context width) over ours, both in ``ldm_step_precision``, the precision the ldm stage
@@ -76,6 +80,7 @@ from accelerate.utils import send_to_device
 
 from minildm.config import get_profile
 from minildm.precision import bf16_is_faster, bf16_is_native, cpu_sampling_in_bf16, resolve as resolve_precision
+from minildm.prefetch import gpu_machine_workers
 from minildm.train import adam
 
 
@@ -183,6 +188,8 @@ def run_bench(profile_name: str = "cpu", device: str | None = None) -> dict:
     judge_fp32, judge_bf16 = _speedup(judge_task, judge_batch, device)
     with torch.no_grad():
         t_read = _median_time(lambda: judge_task.model(judge_batch[0]))
+    draw_workers = max(2, gpu_machine_workers())
+    drawing = _drawing_times(judge_task, draw_workers)
 
     ae_cfg = profile.ae_train
     reference_judge = judge_stage.load(None)[0] if profile.ae.perceptual_weight > 0 else None
@@ -207,6 +214,8 @@ def run_bench(profile_name: str = "cpu", device: str | None = None) -> dict:
         "ae_step_bf16_speedup": round(ae_fp32 / ae_bf16, 3),
         "data_share_of_step": round(t_render / (t_render + min(judge_fp32, judge_bf16)), 3),
         "render_images_per_s": round(judge_cfg.batch_size / t_render, 1),
+        "judge_batches_workers_speedup": round(drawing["process"] / drawing["workers"], 2),
+        "render_workers_timed": draw_workers,
         "judge_train_steps_per_s_fp32": round(1 / judge_fp32, 2),
         "judge_train_steps_per_s_bf16": round(1 / judge_bf16, 2),
         "judge_read_images_per_s": round(judge_cfg.batch_size / t_read, 1),
@@ -231,6 +240,27 @@ def run_bench(profile_name: str = "cpu", device: str | None = None) -> dict:
         "stages": {name: stage_figures_in_subprocess(name, profile.name, device) for name in THROUGHPUT_STAGES},
         "baseline_process_mb": stage_figures_in_subprocess("none", profile.name, device)["peak_memory_mb"],
     }
+
+
+BATCHES_DRAWN = 16
+
+
+def _drawing_times(task, workers: int) -> dict:
+    """Median seconds to draw :data:`BATCHES_DRAWN` of ``task``'s batches in this process, and
+    with ``workers`` worker processes (:mod:`minildm.prefetch`) started afresh each round, so that
+    no batch was drawn ahead while the other side was timed; their start-up is counted."""
+    from minildm.prefetch import batches_ahead
+
+    def in_process():
+        for step in range(BATCHES_DRAWN):
+            task.batch(step, 0, 1)
+
+    def by_workers():
+        drawn = batches_ahead(task, 0, BATCHES_DRAWN, [0], 1, workers)
+        for _ in range(BATCHES_DRAWN):
+            next(drawn)
+        del drawn
+    return alternating_median_times({"process": in_process, "workers": by_workers}, rounds=3, warmup=1)
 
 
 def matched_diffusers_unet(cfg):
@@ -412,8 +442,7 @@ def profile_sized_parts(profile) -> dict | None:
     from minildm.stages.clip import ClipTask
 
     encoder, autoencoder = clip_stage.load(None)[0], ae_stage.load(None)[0]
-    text_width = encoder.clip.config.text_config.hidden_size
-    if (autoencoder.cfg.image_size, text_width) == (profile.shapes.image_size, profile.ldm.unet.context_dim):
+    if (autoencoder.cfg.image_size, encoder.token_dim) == (profile.shapes.image_size, profile.ldm.unet.context_dim):
         return None
     return {"encoder": ClipTask(profile.clip, 1, 0).model, "autoencoder": AutoencoderKL(profile.ae)}
 

@@ -179,6 +179,11 @@ class TrainConfig:
     # fused C++ kernels on the CPU, Triton on a GPU) — a speed option, not part of any paper;
     # it needs a C++ compiler, and its first step compiles for minutes (``minildm.train``).
     compile: bool = False
+    # Worker processes that draw the coming steps' batches of the stages that render them (judge,
+    # autoencoder, CLIP, pixel baseline) while the model trains: None, as many as a GPU machine's
+    # cores allow (up to 8) on a GPU and none on a CPU, whose cores are training; the batches,
+    # and so the model, are the same either way (minildm.prefetch).
+    render_workers: int | None = None
 
 
 @dataclass(frozen=True)

@@ -192,6 +192,7 @@ class JudgeTask:
     """The judge as a :class:`minildm.train.TrainingTask`: batches are a pure function of the step."""
 
     stage = "judge"
+    renders_batches = True  # minildm.prefetch: on a GPU, worker processes draw them ahead
 
     def __init__(self, cfg: JudgeConfig, shapes: ShapesConfig, batch_size: int, seed: int = TRAIN_SEED):
         if cfg.image_size != shapes.image_size:

@@ -68,6 +68,7 @@ from minildm.checkpoints import (CARD, WEIGHTS, atomic_write_dir, atomic_write_f
 from minildm.config import TrainConfig
 from minildm.errors import UserError
 from minildm.precision import MIXED_PRECISIONS, resolve as resolve_precision
+from minildm.prefetch import batches_ahead, render_workers
 
 __all__ = ["TrainingTask", "train", "is_main_process", "leave_process_group", "load_trained", "lr_multiplier", "ema_with_warmup", "loss_curve"]
 
@@ -246,6 +247,10 @@ def train(task: TrainingTask, cfg: TrainConfig, out_dir: str | Path, *, resume: 
     def wall() -> float:  # seconds trained in this session and the ones it resumes
         return wall_before + time.perf_counter() - session_start - measuring["seconds"]
 
+    workers = render_workers(task, cfg.render_workers, accelerator.device)
+    own_ranks = [rank * cfg.accumulate + micro for micro in range(cfg.accumulate)]
+    ahead = (batches_ahead(task, start, cfg.steps, own_ranks, virtual_ranks, workers,
+                           pin_memory=accelerator.device.type == "cuda") if workers else None)
     try:
         for step in range(start, cfg.steps):
             thread_share.follow()  # `minildm course --lanes`: this run's share of the cores
@@ -255,7 +260,8 @@ def train(task: TrainingTask, cfg: TrainConfig, out_dir: str | Path, *, resume: 
             for micro in range(cfg.accumulate):  # one micro-batch per virtual rank of this process
                 virtual = rank * cfg.accumulate + micro
                 torch.manual_seed(step_seed(cfg.seed, step, virtual))  # dropout, noise, timesteps...
-                batch = send_to_device(task.batch(step, virtual, virtual_ranks), accelerator.device)
+                drawn = next(ahead) if ahead is not None else task.batch(step, virtual, virtual_ranks)
+                batch = send_to_device(drawn, accelerator.device)
                 with _sync_on_last(accelerator, ddp_model, micro, cfg.accumulate):
                     with accelerator.autocast():
                         loss, stats = task.loss(ddp_model, batch)
@@ -290,6 +296,7 @@ def train(task: TrainingTask, cfg: TrainConfig, out_dir: str | Path, *, resume: 
                                      history, seconds, model, ema, optimizer, scheduler, accelerator,
                                      critic, critic_optimizer)
     finally:
+        del ahead  # stops the workers drawing batches, if any
         bar.close()
         accelerator.unwrap_model(ddp_model, keep_fp32_wrapper=False)  # undo the autocast patch
         if critic is not None:

@@ -129,6 +129,7 @@ def test_bench_reports_ratios(capsys):
     figures = json.loads(capsys.readouterr().out)
     assert figures["judge_step_bf16_speedup"] > 0 and figures["ae_step_bf16_speedup"] > 0
     assert 0 < figures["data_share_of_step"] < 1
+    assert figures["judge_batches_workers_speedup"] > 0 and figures["render_workers_timed"] >= 2
     assert figures["unet_step_speed_vs_diffusers"] > 0 and figures["attention_explicit_speed_vs_sdpa"] > 0
     assert figures["ldm_step_precision"] == "no", "the smoke profile trains in fp32: both UNets are timed in it"
     assert figures["ldm_train_steps_per_s"] > 0 and figures["ldm_step_gflop_per_s"] > 0

@@ -55,6 +55,7 @@ class AutoencoderTask:
     """The autoencoder (model) and its PatchGAN (critic) as a :class:`minildm.train.TrainingTask`."""
 
     stage = "ae"
+    renders_batches = True  # minildm.prefetch: on a GPU, worker processes draw them ahead
     critic_betas = (0.5, 0.9)
 
     def __init__(self, cfg: AutoencoderConfig, dataset, batch_size: int, seed: int, judge=None):

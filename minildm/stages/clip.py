@@ -64,6 +64,7 @@ class ClipTask:
     """The tiny CLIP as a :class:`minildm.train.TrainingTask`: batches of image–caption pairs."""
 
     stage = "clip"
+    renders_batches = True  # minildm.prefetch: on a GPU, worker processes draw them ahead
 
     def __init__(self, cfg: ClipConfig, batch_size: int, seed: int):
         self.cfg, self.batch_size, self.seed = cfg, batch_size, seed

@@ -74,6 +74,12 @@ class DiffusionTask:
         self.t_range = t_range  # None: every timestep; (lo, hi): an expert's interval (eDiff-I)
         self.fixed_length = fixed_length  # captions padded to the encoder's length: for a compiled model
 
+    @property
+    def renders_batches(self) -> bool:
+        """Pixel space draws its items' images every step, so on a GPU worker processes draw them
+        ahead (:mod:`minildm.prefetch`); latent space looks up their encoded latents."""
+        return self.cache.latents is None
+
     def batch_indices(self, step: int, rank: int, world_size: int) -> list[int]:
         """Cache indices of this rank's share of global batch ``step``."""
         per_rank = self.batch_size // world_size
