@@ -14,18 +14,23 @@ itself: the same weights, bit for bit (``tests/test_prefetch.py``).
 Only tasks that draw their batches (``renders_batches = True``: the judge, the autoencoder, CLIP,
 the pixel baseline) use workers; a latent stage's batch is a look-up in its encoded items. On a
 CPU the cores are already training, so ``TrainConfig.render_workers = None`` (the default) means
-none there, and on a GPU :data:`MAX_WORKERS` at most, leaving two cores to the training process.
+none there, and on a GPU under Linux :data:`MAX_WORKERS` at most, leaving two cores to the
+training process.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 MAX_WORKERS = 8
+# Linux forks the workers, so they share the task as it is, networks on the GPU included (they
+# draw on the CPU and never touch those); Python 3.14 starts them by "forkserver" unless told.
+_FORK = "fork" if sys.platform == "linux" else None
 AHEAD_PER_WORKER = 4  # batches each worker keeps ready
 
 
@@ -37,8 +42,8 @@ def render_workers(task, requested: int | None, device: torch.device) -> int:
         return 0
     if requested is not None:
         return max(0, requested)
-    if device.type != "cuda":
-        return 0
+    if device.type != "cuda" or sys.platform != "linux":
+        return 0  # elsewhere workers start by pickling the task, its networks too
     return gpu_machine_workers()
 
 
@@ -73,5 +78,5 @@ def batches_ahead(task, start: int, stop: int, virtual_ranks: list[int], world_s
     in turn), drawn ahead by ``workers`` processes and handed over in order."""
     loader = DataLoader(_StepBatches(task, start, stop, virtual_ranks, world_size), batch_size=None,
                         shuffle=False, num_workers=workers, collate_fn=_as_drawn, pin_memory=pin_memory,
-                        prefetch_factor=AHEAD_PER_WORKER)
+                        prefetch_factor=AHEAD_PER_WORKER, multiprocessing_context=_FORK if workers else None)
     return iter(loader)
