@@ -60,7 +60,11 @@ repeats): on a CPU without bf16 instructions a bf16 step is emulated and about 1
 before the cap one bench there ran for more than 36 minutes.
 
 The sampling ratios use the reference checkpoints (the cpu profile's models) whatever ``--profile``
-says; the training figures use the profile's sizes.
+says; the training figures use the profile's sizes, with two exceptions. Where the reference text
+encoder and autoencoder do not fit the profile (the gpu profile's 64 px), the ldm and pixel steps
+are timed with untrained ones of its sizes (:func:`profile_sized_parts`). The add step is always
+the reference teacher's (the cpu profile's sizes) at the profile's batch, because the student is
+that teacher's copy and no 64 px teacher ships.
 """
 
 from __future__ import annotations
@@ -540,7 +544,7 @@ ITEMS_TIMED = 1024
 def _item_cache_times() -> tuple[float, float]:
     """Median seconds to make an item cache of :data:`ITEMS_TIMED` items with the reference
     autoencoder by encoding them, and by reading their latents from the items file written once
-    beforehand (on the CPU, where the stages encode)."""
+    beforehand, where the stages encode: on the GPU when there is one, else on the CPU."""
     import tempfile
 
     from minildm.stages import ae as ae_stage
