@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from minildm import thread_share
+from minildm import prefetch, thread_share
 from minildm.checkpoints import load_json, save_json
 from minildm.config import Profile, get_profile
 from minildm.course import DONE, STAGE_OF_PART, run_stage, upstream_runs
@@ -110,7 +110,7 @@ def run_lanes(profile: Profile, out: Path, lanes: int, log=print) -> dict:
     try:
         while len(finished) < len(PRIORITY):
             for job in startable(finished, running, lanes, needs):
-                running[job] = _launch(job, profile, out, folder)
+                running[job] = _launch(job, profile, out, folder, lanes)
                 timeline["jobs"][job] = {"start_s": clock()}
                 log(f"{_prefix(job)} started ({len(running)} of {lanes} lanes busy); its log: "
                     f"{folder / (_slug(job) + '.log')}", flush=True)
@@ -173,13 +173,17 @@ def _finished(job: str, out: Path) -> bool:
     return (out / stage / DONE).exists()
 
 
-def _launch(job: str, profile: Profile, out: Path, folder: Path) -> subprocess.Popen:
+def _launch(job: str, profile: Profile, out: Path, folder: Path, lanes: int) -> subprocess.Popen:
+    """Start ``job`` in a process of its own. On a GPU machine it draws batches ahead with its
+    lane's share of the cores (:func:`minildm.prefetch.training_processes`): the judge, which runs
+    alone, with all of them."""
     share = folder / f"{_slug(job)}.threads"
     share.unlink(missing_ok=True)  # from an interrupted call; _share_cores writes it before the job's first step
     with open(folder / f"{_slug(job)}.log", "ab") as log_file:
         return subprocess.Popen([sys.executable, "-m", "minildm.course_lanes", job, "--profile", profile.name,
                                  "--out", str(out)], stdout=log_file, stderr=subprocess.STDOUT,
-                                env={**os.environ, thread_share.ENV: str(share)})
+                                env={**os.environ, thread_share.ENV: str(share),
+                                     prefetch.LANES_ENV: str(1 if job in ALONE else lanes)})
 
 
 def _share_cores(running: dict, threads: dict, cores: int, folder: Path) -> None:

@@ -14,8 +14,10 @@ itself: the same weights, bit for bit (``tests/test_prefetch.py``).
 Only tasks that draw their batches (``renders_batches = True``: the judge, the autoencoder, CLIP,
 the pixel baseline) use workers; a latent stage's batch is a look-up in its encoded items. On a
 CPU the cores are already training, so ``TrainConfig.render_workers = None`` (the default) means
-none there, and on a GPU under Linux :data:`MAX_WORKERS` at most, leaving two cores to the
-training process.
+none there, and on a GPU under Linux :data:`MAX_WORKERS` at most, leaving two cores to each
+training process. Where several training processes share the machine (``torchrun``'s ranks on one
+node, ``LOCAL_WORLD_SIZE``; the course's lanes, ``MINILDM_LANES``), each gets its share of the
+cores: 16 cores and two lanes give each lane 6 workers, not 8 (18 drawing processes on 16 cores).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ MAX_WORKERS = 8
 # draw on the CPU and never touch those); Python 3.14 starts them by "forkserver" unless told.
 _FORK = "fork" if sys.platform == "linux" else None
 AHEAD_PER_WORKER = 4  # batches each worker keeps ready
+CORES_KEPT = 2  # cores left to each training process
+LANES_ENV = "MINILDM_LANES"  # set by ``minildm course`` for the jobs it runs side by side
 
 
 def render_workers(task, requested: int | None, device: torch.device) -> int:
@@ -48,8 +52,21 @@ def render_workers(task, requested: int | None, device: torch.device) -> int:
 
 
 def gpu_machine_workers() -> int:
-    """The workers a GPU run on this machine draws with: up to :data:`MAX_WORKERS`, two cores left."""
-    return max(0, min(MAX_WORKERS, (os.cpu_count() or 1) - 2))
+    """The workers a GPU run on this machine draws with: its processes' share of the cores, less
+    :data:`CORES_KEPT` for the training process itself, at most :data:`MAX_WORKERS`."""
+    return max(0, min(MAX_WORKERS, (os.cpu_count() or 1) // training_processes() - CORES_KEPT))
+
+
+def training_processes() -> int:
+    """How many training processes share this machine's cores: torchrun's ranks on this node
+    (``LOCAL_WORLD_SIZE``) times the course's lanes (``MINILDM_LANES``), each 1 when unset."""
+    count = 1
+    for name in ("LOCAL_WORLD_SIZE", LANES_ENV):
+        try:
+            count *= max(1, int(os.environ.get(name, "1")))
+        except ValueError:
+            pass  # not ours to judge: torchrun and the course write these
+    return count
 
 
 class _StepBatches(Dataset):

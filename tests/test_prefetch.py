@@ -56,6 +56,8 @@ def test_workers_are_used_on_a_gpu_for_drawn_batches_only(monkeypatch):
     judge = make_task("judge", profile)
     latent = ldm.make_task("ldm", profile.ldm, profile.ldm_train, profile, cache_size=8)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for name in ("LOCAL_WORLD_SIZE", "MINILDM_LANES"):  # one training process on the machine
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(prefetch.os, "cpu_count", lambda: 16)
     assert prefetch.render_workers(judge, None, cuda) == prefetch.MAX_WORKERS
     assert prefetch.render_workers(judge, None, cpu) == 0, "a CPU's cores are training"
@@ -64,3 +66,17 @@ def test_workers_are_used_on_a_gpu_for_drawn_batches_only(monkeypatch):
     assert make_task("pixel", profile).renders_batches and not latent.renders_batches
     monkeypatch.setattr(prefetch.os, "cpu_count", lambda: 2)
     assert prefetch.render_workers(judge, None, cuda) == 0
+
+
+def test_processes_sharing_a_gpu_machine_share_its_workers(monkeypatch):
+    judge, cuda = make_task("judge", get_profile("smoke")), torch.device("cuda")
+    monkeypatch.setattr(prefetch.os, "cpu_count", lambda: 16)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setenv("MINILDM_LANES", "2")  # the course's two lanes: 8 cores each, 2 kept
+    assert prefetch.render_workers(judge, None, cuda) == 6
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # and four torchrun ranks in each: 2 cores a process
+    assert prefetch.render_workers(judge, None, cuda) == 0
+    monkeypatch.setenv("MINILDM_LANES", "1")
+    assert prefetch.render_workers(judge, None, cuda) == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "not a number")
+    assert prefetch.render_workers(judge, None, cuda) == prefetch.MAX_WORKERS
