@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from minildm.attention import Attention, install_hook
+from minildm.attention import Attention
 from minildm.cli import main
 from minildm.errors import UserError
 from minildm.paint import (RECIPES, PaintHook, PaintRecipe, as_mask, box_mask, eos_position, explain_step,
