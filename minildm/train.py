@@ -323,11 +323,12 @@ def compiled(model: torch.nn.Module) -> torch.nn.Module:
     dominate these small networks' steps into C++ loops on the CPU. The first step traces and
     compiles: about three minutes for the cpu profile's LDM on a 2-core AMD Zen 3, seconds when
     TorchInductor's on-disk cache already holds the graph. There an LDM step then took 0.60 s
-    against 0.70 eager (0.30 against 0.37 in bf16 on a 2-core Xeon with AMX), while the ADD student's step (its discriminator and teacher stay eager)
-    ran 0.95× as fast compiled (README, *Compiling*). The compiled kernels round differently.
-    Random operations inside the model (dropout) draw from torch's generator as in eager mode
-    (TorchInductor's ``fallback_random``, set for the whole process), so a compiled run keeps the
-    seed's draws and differs from the eager run by rounding alone.
+    against 0.70 eager (0.30 against 0.37 in bf16 on a 2-core Xeon with AMX), while the ADD
+    student's step (its discriminator and teacher stay eager) ran 0.95× as fast compiled (README,
+    *Compiling*). The compiled kernels round differently. Random operations inside the model
+    (dropout) draw from torch's generator as in eager mode (TorchInductor's ``fallback_random``,
+    set for the whole process), so a compiled run keeps the seed's draws and differs from the
+    eager run by rounding alone.
     """
     on_cpu = next(model.parameters()).device.type == "cpu"
     if on_cpu and not any(shutil.which(cc) for cc in ("c++", "g++", "clang++")):
