@@ -168,3 +168,15 @@ def test_killing_the_course_stops_its_jobs(tmp_path):
     for pid in left:  # do not leave them running if the test fails
         os.kill(pid, signal.SIGKILL)
     assert not left, f"job processes {left} still running after the course was killed"
+
+
+def test_a_figure_on_its_bound_meets_the_target_despite_floating_point():
+    from minildm.course import check_targets
+
+    drop = 0.64375 - 0.59375  # eight prompts in 160: 0.05 and a little more in floating point
+    assert drop > 0.05
+    checks = check_targets({"alignment_drop": drop, "placement": 0.79375}, {"alignment_drop": ("<=", 0.05),
+                                                                             "placement": (">=", 0.8)})
+    assert checks["alignment_drop"]["met"], "a drop of exactly the tolerance is within it"
+    assert not checks["placement"]["met"], "one prompt short of the bound is not rounding"
+    assert not check_targets({}, {"placement": (">=", 0.8)})["placement"]["met"], "a missing figure meets nothing"

@@ -172,6 +172,12 @@ def test_the_painting_tasks_have_no_position_words_and_two_cells():
     assert tasks == paint_stage.painting_tasks(20), "a pure function of the seed"
 
 
+def test_a_drop_on_the_tolerance_keeps_alignment():
+    plain, painted = {"alignment": 0.64375}, {"alignment": 0.59375}  # 8 prompts of 160 fewer
+    assert paint_stage.alignment_drop(plain, painted) == 0.05 <= paint_stage.ALIGNMENT_TOLERANCE
+    assert paint_stage.alignment_drop(plain, {"alignment": 0.5875}) > paint_stage.ALIGNMENT_TOLERANCE
+
+
 def test_eval_paint_from_the_command_line(capsys):
     import json
 

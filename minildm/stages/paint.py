@@ -127,7 +127,7 @@ def evaluate(pipeline, n: int = 160, seed: int = EVAL_SEED, judge=None, weights=
     def best(candidates: dict) -> tuple:
         """The highest placement among the settings that keep alignment within the tolerance
         (all settings if none does)."""
-        keeping = {k: r for k, r in candidates.items() if r["alignment"] >= plain["alignment"] - ALIGNMENT_TOLERANCE}
+        keeping = {k: r for k, r in candidates.items() if alignment_drop(plain, r) <= ALIGNMENT_TOLERANCE}
         pool = keeping or candidates
         key = max(pool, key=lambda k: pool[k]["placement"])
         return key, pool[key]
@@ -142,13 +142,19 @@ def evaluate(pipeline, n: int = 160, seed: int = EVAL_SEED, judge=None, weights=
         "best_weight": float(weight), "best_recipe": recipe,
         "placement": chosen["placement"], "placement_unpainted": plain["placement"],
         "alignment": chosen["alignment"], "alignment_unpainted": plain["alignment"],
-        "alignment_drop": plain["alignment"] - chosen["alignment"],
+        "alignment_drop": alignment_drop(plain, chosen),
         "placement_paper": paper["placement"], "alignment_paper": paper["alignment"],
         "best_weight_paper": float(paper_weight),
         "sweeps": sweeps,
         "at_model_guidance": {"guidance": own, **_figures(chosen_own),
                               "placement_unpainted": plain_own["placement"], "alignment_unpainted": plain_own["alignment"]},
     }
+
+
+def alignment_drop(plain: dict, painted: dict) -> float:
+    """How much alignment painting cost, rounded to 9 places: alignments are fractions of the
+    prompts, and 0.64375 − 0.59375 must read 0.05 (a drop on the tolerance), not 0.05 + 4e-17."""
+    return round(plain["alignment"] - painted["alignment"], 9)
 
 
 def _figures(result: dict) -> dict:
