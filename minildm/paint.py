@@ -35,9 +35,16 @@ every part of the canvas with some phrase, and one step beyond the formula:
 * ``summary`` — ``<eos>`` painted with the union of the regions, so the caption's summary stays
   where the objects are;
 * ``outside`` — a phrase's tokens pushed *down* where the phrase is not painted (A = −outside
-  there), as DenseDiffusion (Kim et al. 2023) does; the formula only pushes up inside.
+  there), as DenseDiffusion (Kim et al. 2023) does; the formula only pushes up inside;
+* ``carry`` — the words between two painted phrases ("and a" in "a red circle and a blue square")
+  painted as the phrase before them. The causal text tower has written the first phrase into
+  them: they are where much of the first object lives. Left at zero, they offer it to every pixel
+  outside its region, and the first object is the one that goes missing (notebook 05 measures it).
+  Only words *between* painted phrases are carried, so an unpainted object named after the last
+  painted phrase keeps its own words.
 
-``RECIPES`` names them cumulatively: ``paper`` (the formula alone), ``bos``, ``bos+eos``, ``full``.
+``RECIPES`` names them cumulatively: ``paper`` (the formula alone), ``bos``, ``bos+eos``, ``full``,
+``full+carry``.
 
 Guidance matters: only the conditional pass is painted, so the guided prediction
 ε_u + g·(ε_c,painted − ε_u) carries g times the painting's effect. Painting is measured at
@@ -107,8 +114,9 @@ def token_masks(encoder, prompts: list[str], paints: list[dict], size: int, leng
     """A (B, size·size, length) for a batch: column j of image b holds the mask of the phrase
     that token j of prompt b belongs to (the largest value where painted phrases overlap) —
     eDiff-I's A — plus what ``recipe`` adds (:class:`PaintRecipe`): column 0 (``<bos>``) the
-    unpainted rest, the ``<eos>`` column the union of the regions, and −``outside`` in a phrase's
-    columns where it is not painted.
+    unpainted rest, the ``<eos>`` column the union of the regions, −``outside`` in a phrase's
+    columns where it is not painted, and (``carry``) the words between two painted phrases given
+    the column of the phrase before them.
     """
     recipe = as_recipe(recipe)
     out = torch.zeros(len(prompts), size * size, length)
@@ -127,6 +135,11 @@ def token_masks(encoder, prompts: list[str], paints: list[dict], size: int, leng
                 phrase_columns.add(j)
         for j in phrase_columns:  # 1 inside, −outside outside (soft edges in between)
             out[b, :, j] = out[b, :, j] - recipe.outside * (1 - out[b, :, j])
+        if recipe.carry:  # a gap between two painted phrases takes the column of the word before it
+            painted_at = sorted(phrase_columns)
+            for left, right in zip(painted_at, painted_at[1:]):
+                for j in range(left + 1, right):
+                    out[b, :, j] = out[b, :, left]
         if recipe.background:
             out[b, :, 0] = 1 - union
         if recipe.summary:

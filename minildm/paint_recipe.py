@@ -19,11 +19,13 @@ class PaintRecipe:
     background: bool = False  # <bos> = 1 − the union of the regions
     summary: bool = False  # <eos> = the union of the regions
     outside: float = 0.0  # a phrase's tokens: A = −outside where the phrase is not painted
+    carry: bool = False  # the words between two painted phrases ("and a") painted as the phrase before them
 
 
 RECIPES = {"paper": PaintRecipe(), "bos": PaintRecipe(background=True),
            "bos+eos": PaintRecipe(background=True, summary=True),
-           "full": PaintRecipe(background=True, summary=True, outside=1.0)}
+           "full": PaintRecipe(background=True, summary=True, outside=1.0),
+           "full+carry": PaintRecipe(background=True, summary=True, outside=1.0, carry=True)}
 DEFAULT_RECIPE = "full"  # the best on the reference LDM (data/measurements/paint.json, notebook 05)
 PAINT_GUIDANCE = 7.5  # the guidance scale painting is measured at (the reference code's, Stable Diffusion's)
 

@@ -64,7 +64,15 @@ def test_each_recipe_adds_its_columns(pipeline):
     assert masks["bos+eos"][:, 9].abs().sum() == 0, "padding after <eos> is masked in attention: left alone"
     assert torch.equal(masks["full"][:, 2], 2 * red - 1), "a phrase: +1 inside its region, -1 outside"
     assert torch.equal(masks["full"][:, 2], masks["full"][:, 3]) and torch.equal(masks["full"][:, 8], union)
-    for name in ("bos", "bos+eos", "full"):
+    between = [4, 5]  # "and a": between the two painted phrases
+    assert masks["full"][:, between].abs().sum() == 0
+    assert all(torch.equal(masks["full+carry"][:, j], masks["full"][:, 3]) for j in between), \
+        "the words between two painted phrases take the column of the phrase before them"
+    keep = [0, 1, 2, 3, 6, 7, 8, 9]
+    assert torch.equal(masks["full+carry"][:, keep], masks["full"][:, keep]), "<bos> a, the phrases, <eos>: as full"
+    one = token_masks(encoder, [prompt], [{"red circle": paint["red circle"]}], 4, 10, "full+carry")[0]
+    assert one[:, 4:8].abs().sum() == 0, "after the last painted phrase nothing is carried: 'blue square' keeps its own"
+    for name in ("bos", "bos+eos", "full", "full+carry"):
         assert torch.equal(masks[name][:, 2:4].clamp(min=0), masks["paper"][:, 2:4]), "the phrases' own part stays"
     custom = token_masks(encoder, [prompt], [paint], 4, 10, PaintRecipe(outside=0.5))[0]
     assert torch.equal(custom[:, 2], red - 0.5 * (1 - red)) and custom[:, 0].abs().sum() == 0
