@@ -30,7 +30,7 @@ from minildm.errors import UserError
 from minildm.paint_recipe import DEFAULT_RECIPE, PAINT_GUIDANCE, RECIPES
 from minildm.stages import BASED_STAGES, EVAL_STAGES, TRAIN_STAGES, UPSTREAM
 
-DEFAULT_PAINT_WEIGHT = 0.5  # the reference LDM's best w' with the full recipe (minildm eval paint)
+DEFAULT_PAINT_WEIGHT = 0.5  # the reference LDM's best w' with the full+carry recipe (minildm eval paint)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -267,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--paint-recipe", choices=list(RECIPES), default=DEFAULT_RECIPE,
                         help="which tokens are painted: paper (eDiff-I's formula alone), bos (+ the rest of the "
                              "canvas on <bos>), bos+eos (+ <eos> on the regions), full (+ phrases pushed down "
-                             f"outside their regions); default {DEFAULT_RECIPE} (see notebook 05)")
+                             "outside their regions), full+carry (+ the words between two painted phrases painted "
+                             f"as the phrase before them); default {DEFAULT_RECIPE} (see notebook 05)")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--n", type=int, default=1, help="images side by side (default 1)")
     sample.add_argument("--upscale", type=int, default=8, help="nearest-neighbour enlargement of the PNG (default 8)")

@@ -26,7 +26,7 @@ RECIPES = {"paper": PaintRecipe(), "bos": PaintRecipe(background=True),
            "bos+eos": PaintRecipe(background=True, summary=True),
            "full": PaintRecipe(background=True, summary=True, outside=1.0),
            "full+carry": PaintRecipe(background=True, summary=True, outside=1.0, carry=True)}
-DEFAULT_RECIPE = "full"  # the best on the reference LDM (data/measurements/paint.json, notebook 05)
+DEFAULT_RECIPE = "full+carry"  # the best on the reference LDM (data/measurements/paint.json, notebook 05)
 PAINT_GUIDANCE = 7.5  # the guidance scale painting is measured at (the reference code's, Stable Diffusion's)
 
 

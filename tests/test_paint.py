@@ -196,6 +196,10 @@ def test_eval_paint_from_the_command_line(capsys):
     best = figures["sweeps"][figures["best_recipe"]][f"{figures['best_weight']:g}"]
     assert (figures["placement"], figures["alignment"]) == (best["placement"], best["alignment"])
     assert figures["placement_paper"] in [r["placement"] for r in figures["sweeps"]["paper"].values()]
+    for sweep in figures["sweeps"].values():
+        for r in sweep.values():  # both objects placed: at most as often as either alone, at least the overlap
+            assert max(0.0, r["placed_first"] + r["placed_second"] - 1) <= r["placement"] + 1e-9
+            assert r["placement"] <= min(r["placed_first"], r["placed_second"]) + 1e-9
     assert figures["guidance"] == 7.5 and figures["at_model_guidance"]["guidance"] == 3.0
     for key in ("placement", "placement_unpainted", "alignment", "alignment_unpainted"):
         assert 0 <= figures[key] <= 1 and 0 <= figures["at_model_guidance"][key] <= 1

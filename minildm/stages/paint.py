@@ -16,6 +16,8 @@ or not.
 * ``placement_paper`` — the same with eDiff-I's formula alone (the ``paper`` recipe);
 * ``placement_unpainted`` — the same prompts and noise without painting (the model places
   objects where it likes: about chance, 1/72 for two given cells);
+* ``placed_first`` / ``placed_second`` (in ``sweeps``) — each object on its own in its cell, the
+  one the prompt names first and the second: which of the two painting loses;
 * ``alignment`` / ``alignment_unpainted`` — the judge's verdict on the prompt itself (both
   objects, right colours), wherever they are;
 * ``sweeps`` — recipe → w′ → {placement, alignment}, for the trade-off plot;
@@ -87,10 +89,16 @@ def painting_tasks(n: int, seed: int = EVAL_SEED) -> list[dict]:
     return tasks
 
 
+def placed_each(task: dict, read) -> list[bool]:
+    """For each object of the prompt (in the prompt's order): read in its painted cell, with the
+    right shape and colour."""
+    return [any(o.shape == obj.shape and o.colour == obj.colour and o.cell == cell for o in read)
+            for obj, cell in zip(task["objects"], task["cells"])]
+
+
 def placed(task: dict, read) -> bool:
     """Both objects read in their painted cells, with the right shape and colour."""
-    return all(any(o.shape == obj.shape and o.colour == obj.colour and o.cell == cell for o in read)
-               for obj, cell in zip(task["objects"], task["cells"]))
+    return all(placed_each(task, read))
 
 
 def judge_painting(pipeline, tasks: list[dict], judge, weight: float | None, seed: int = EVAL_SEED,
@@ -105,8 +113,10 @@ def judge_painting(pipeline, tasks: list[dict], judge, weight: float | None, see
     images = pipeline(prompts, seed=seed, paint=paint, paint_weight=weight or 0.0, paint_recipe=recipe,
                       steps=pipeline.cfg.sample_steps, guidance=guidance)
     reads = judge.read(images)
+    each = np.array([placed_each(t, r) for t, r in zip(tasks, reads)], dtype=float)  # (tasks, 2)
     return {"images": images, "reads": reads,
             "placement": float(np.mean([placed(t, r) for t, r in zip(tasks, reads)])),
+            "placed_first": float(each[:, 0].mean()), "placed_second": float(each[:, 1].mean()),
             "alignment": float(np.mean([clauses_hold(parse(p), r) for p, r in zip(prompts, reads)]))}
 
 
@@ -158,5 +168,6 @@ def alignment_drop(plain: dict, painted: dict) -> float:
 
 
 def _figures(result: dict) -> dict:
-    """The two numbers of a setting that the report keeps."""
-    return {"placement": result["placement"], "alignment": result["alignment"]}
+    """The numbers of a setting that the report keeps: placement, alignment, and how often each
+    object alone lands in its cell (the first named, the second)."""
+    return {key: result[key] for key in ("placement", "alignment", "placed_first", "placed_second")}
