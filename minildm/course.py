@@ -34,6 +34,21 @@ DONE = "course.json"
 ROUNDING = 1e-9  # figures are fractions of counts: 0.64375 − 0.59375 is 0.05 + 4e-17 in floating point
 
 
+# figures the report shows beside each stage's targets: what a teacher looks for first. The pixel
+# baseline has no target of its own: its alignment is the LDM's point of comparison. Not its fid,
+# taken on fewer images than the LDM's (a Fréchet distance grows as the count falls), nor images/s,
+# timed while the lanes share the cores: `minildm results` and `minildm bench` measure those alike.
+ALSO_MEASURED = {
+    "ae": ("rfid", "object_psnr"),
+    "clip": ("probe_shape", "probe_colour", "probe_position"),
+    "ldm": ("alignment", "fid", "colour_swaps"),
+    "pixel": ("alignment", "colour_swaps"),
+    "experts": ("alignment", "base_alignment", "follow_b_late_karras"),
+    "paint": ("best_recipe", "best_weight", "placement_unpainted", "alignment", "alignment_unpainted"),
+    "add": ("alignment_1step", "alignment_4step", "teacher_alignment", "teacher_ddim_4step_alignment"),
+}
+
+
 def check_targets(metrics: dict, targets: dict) -> dict:
     """{metric: {"value", "target", "met"}} for every target of a stage. A value on the bound meets
     it, floating-point rounding included (``ROUNDING``)."""
@@ -178,11 +193,22 @@ def report_markdown(results: dict, out: Path) -> str:
             lines.append(f"measured on `{out / 'ldm'}` (nothing to train), {result['wall_time_s']:.0f} s.")
         if result["builds_on"]:
             lines.append("Builds on: " + ", ".join(f"{part} `{path}`" for part, path in result["builds_on"].items()) + ".")
-        lines += ["", "| metric | value | target | met |", "|---|---|---|---|"]
-        for metric, check in result["targets"].items():
-            value = "—" if check["value"] is None else f"{check['value']:.4f}"
-            lines.append(f"| {metric} | {value} | {check['target']} | {'yes' if check['met'] else 'no'} |")
+        if result["targets"]:
+            lines += ["", "| metric | value | target | met |", "|---|---|---|---|"]
+            for metric, check in result["targets"].items():
+                value = "—" if check["value"] is None else f"{check['value']:.4f}"
+                lines.append(f"| {metric} | {value} | {check['target']} | {'yes' if check['met'] else 'no'} |")
+        else:
+            lines += ["", "No targets of its own."]
+        also = [f"{key} {_figure(result['metrics'][key])}" for key in ALSO_MEASURED.get(name, ())
+                if key in result.get("metrics", {})]
+        if also:
+            lines += ["", "Also measured: " + ", ".join(also) + "."]
         if "loss_curve" in result:
             lines += ["", f"![loss curve]({name}/{result['loss_curve']})"]
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def _figure(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

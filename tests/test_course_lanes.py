@@ -180,3 +180,25 @@ def test_a_figure_on_its_bound_meets_the_target_despite_floating_point():
     assert checks["alignment_drop"]["met"], "a drop of exactly the tolerance is within it"
     assert not checks["placement"]["met"], "one prompt short of the bound is not rounding"
     assert not check_targets({}, {"placement": (">=", 0.8)})["placement"]["met"], "a missing figure meets nothing"
+
+
+def test_the_report_shows_each_stage_figures_beside_its_targets(tmp_path):
+    from minildm.course import report_markdown
+
+    ldm = {"steps": 10, "train_wall_time_s": 1.0, "wall_time_s": 2.0, "device": "cpu (1 thread)",
+           "mixed_precision": "bf16", "builds_on": {}, "loss_curve": "loss_curve.png",
+           "metrics": {"alignment": 0.61, "fid": 476.1, "colour_swaps": 0.1, "alignment_two_object": 0.55},
+           "targets": {"alignment_two_object": {"value": 0.55, "target": ">= 0.5", "met": True}}}
+    pixel = {**ldm, "metrics": {"alignment": 0.2, "fid": 2412.4, "colour_swaps": 0.15}, "targets": {}}
+    paint = {"wall_time_s": 3.0, "builds_on": {"ldm": "L"},
+             "metrics": {"best_recipe": "full+carry", "best_weight": 0.5, "placement": 0.86},
+             "targets": {"placement": {"value": 0.86, "target": ">= 0.8", "met": True}}}
+    results = {"profile": "cpu", "wall_time_s": 7.0, "targets_met": [2, 2],
+               "stages": {"ldm": ldm, "pixel": pixel, "paint": paint}}
+    sections = {part.split("\n")[0]: part for part in report_markdown(results, tmp_path).split("## ")[1:]}
+    assert "| alignment_two_object | 0.5500 | >= 0.5 | yes |" in sections["ldm"]
+    assert "Also measured: alignment 0.61, fid 476.1, colour_swaps 0.1." in sections["ldm"]
+    assert "| metric |" not in sections["pixel"] and "No targets of its own." in sections["pixel"]
+    assert "alignment 0.2," in sections["pixel"] and "fid" not in sections["pixel"], \
+        "the pixel model's fid is on fewer images than the LDM's: not set beside it"
+    assert "best_recipe full+carry, best_weight 0.5" in sections["paint"]
