@@ -183,6 +183,9 @@ def test_course_runs_the_built_stages_and_writes_a_report(tmp_path, capsys):
     assert "text_to_image_top1" in report["stages"]["clip"]["targets"]
     assert (tmp_path / "judge" / "loss_curve.png").exists() and (tmp_path / "ae" / "loss_curve.png").exists()
     assert "| attribute_accuracy |" in (tmp_path / "report.md").read_text()
+    comparison = report["latent_against_pixel"]  # LDM's claim from the course's own two runs
+    assert comparison["pixel"]["steps"] == pixel_card["steps"] and comparison["ldm"]["steps"] > 0
+    assert "## latent against pixel diffusion" in (tmp_path / "report.md").read_text()
 
     # interrupted: the last stage lost its finish mark and sits at a checkpoint; a second call
     # skips what is done and resumes there

@@ -202,3 +202,20 @@ def test_the_report_shows_each_stage_figures_beside_its_targets(tmp_path):
     assert "alignment 0.2," in sections["pixel"] and "fid" not in sections["pixel"], \
         "the pixel model's fid is on fewer images than the LDM's: not set beside it"
     assert "best_recipe full+carry, best_weight 0.5" in sections["paint"]
+
+
+def test_latent_against_pixel_takes_the_ldm_at_no_more_training_seconds(tmp_path):
+    from minildm.course import latent_against_pixel
+
+    assert latent_against_pixel(tmp_path) is None, "no runs, no comparison"
+    progress = {"pixel": [[96, 200.0, {"alignment": 0.05, "fid": 2500.0}], [192, 400.0, {"alignment": 0.2, "fid": 2400.0}]],
+                "ldm": [[400, 220.0, {"alignment": 0.2, "fid": 2200.0}], [800, 390.0, {"alignment": 0.4, "fid": 2000.0}],
+                        [1200, 410.0, {"alignment": 0.6, "fid": 1900.0}]]}
+    for name, points in progress.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "card.json").write_text(json.dumps({"progress": points}))
+    comparison = latent_against_pixel(tmp_path)
+    assert comparison["pixel"]["steps"] == 192 and comparison["ldm"]["steps"] == 800, \
+        "the LDM's measurement at 390 s, not the nearer one at 410 s that trained longer than the pixel model"
+    assert abs(comparison["alignment_latent_minus_pixel"] - 0.2) < 1e-9
+    assert abs(comparison["fid_pixel_over_latent"] - 1.2) < 1e-9
