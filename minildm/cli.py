@@ -9,7 +9,7 @@
     minildm eval STAGE --model RUN_OR_CKPT [--n N] [--seed N] --json
     minildm bench [--json]
     minildm results [--n N] [--json] [--save FILE.json]   (the papers' claims, measured now)
-    minildm course --profile P --out DIR
+    minildm course --profile P --out DIR [--seed N]
 
 A mistake of the user's (unknown stage, missing checkpoint, bad --data, unwritable --out, …)
 prints one line ``minildm: error: …`` and exits with status 2 — never a traceback.
@@ -198,7 +198,7 @@ def cmd_course(args) -> int:
 
     profile = get_profile(args.profile)
     out = writable_dir(args.out)
-    report = run_course(profile, out, progress=not args.quiet, lanes=args.lanes or default_lanes())
+    report = run_course(profile, out, progress=not args.quiet, lanes=args.lanes or default_lanes(), seed=args.seed)
     print(f"course report: {report}")
     return 0
 
@@ -293,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     course.add_argument("--lanes", type=positive_int, default=None,
                         help="run up to this many independent jobs side by side, sharing the cores "
                              "(default: 2 where torch has 2 or more threads, else 1)")
+    course.add_argument("--seed", type=int, default=0,
+                        help="every stage's training seed (default 0, the reference runs' draw): another seed "
+                             "is another draw of the whole course, measured on the same prompts")
     course.add_argument("--quiet", action="store_true")
     course.set_defaults(run=cmd_course)
     return parser

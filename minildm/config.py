@@ -333,6 +333,15 @@ def _gpu() -> Profile:
 _PROFILES = {"smoke": _smoke, "cpu": _cpu, "gpu": _gpu}
 
 
+def with_training_seed(profile: Profile, seed: int) -> Profile:
+    """``profile`` with every training run's seed (each ``*_train`` config's) set to ``seed``: other
+    initial weights, batches and noise, so another draw of every stage. The evaluation streams keep
+    their own seed, so runs at two training seeds are measured on the same prompts and renders."""
+    changes = {f.name: dataclasses.replace(getattr(profile, f.name), seed=seed)
+               for f in dataclasses.fields(profile) if isinstance(getattr(profile, f.name), TrainConfig)}
+    return dataclasses.replace(profile, **changes)
+
+
 def get_profile(name: str | None = None) -> Profile:
     """The named profile; ``None`` reads ``MINILDM_PROFILE`` or picks gpu/cpu by hardware."""
     if name is None:

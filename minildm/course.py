@@ -24,7 +24,8 @@ import json
 import time
 from pathlib import Path
 
-from minildm.config import Profile
+from minildm.config import Profile, with_training_seed
+from minildm.errors import UserError
 from minildm.stages import BASED_STAGES, BUILT, TRAIN_STAGES, UPSTREAM, stage_module
 
 STAGE_OF_PART = {"judge": "judge", "autoencoder": "ae", "encoder": "clip"}
@@ -60,6 +61,24 @@ def check_targets(metrics: dict, targets: dict) -> dict:
     return out
 
 
+def course_command(profile: Profile) -> str:
+    """The command line a card of the course records (its seed: the profile's training seed)."""
+    seed = profile.ldm_train.seed
+    return f"minildm course --profile {profile.name}" + (f" --seed {seed}" if seed else "")
+
+
+def _same_settings_as_before(out: Path, profile: str, seed: int) -> None:
+    """A course directory holds one course: resuming it with another profile or seed would mix two."""
+    settings, wanted = out / "settings.json", {"profile": profile, "seed": seed}
+    if settings.exists():
+        before = json.loads(settings.read_text())
+        if before != wanted:
+            raise UserError(f"{out} holds a course run with --profile {before['profile']} --seed {before['seed']}; "
+                            f"resume it with those, or give --profile {profile} --seed {seed} a new --out")
+    else:
+        settings.write_text(json.dumps(wanted) + "\n")
+
+
 def upstream_runs(name: str, out: Path) -> dict[str, str]:
     """The course's own earlier runs that stage ``name`` builds on, as ``stage.train`` keywords."""
     runs = {part: str(out / STAGE_OF_PART[part]) for part in UPSTREAM.get(name, ())}
@@ -68,21 +87,24 @@ def upstream_runs(name: str, out: Path) -> dict[str, str]:
     return runs
 
 
-def run_course(profile: Profile, out: Path, progress: bool = True, log=print, lanes: int = 1) -> Path:
+def run_course(profile: Profile, out: Path, progress: bool = True, log=print, lanes: int = 1, seed: int = 0) -> Path:
     """Run (or resume) the course in ``out``; returns the path of ``report.md``.
 
     ``lanes=1`` runs the stages one after another in this process. ``lanes=2`` (or more) runs
     independent work side by side in processes of its own, sharing the cores
-    (:mod:`minildm.course_lanes`); every stage trains and measures exactly as it does alone."""
+    (:mod:`minildm.course_lanes`); every stage trains and measures exactly as it does alone.
+    ``seed``: every stage's training seed (:func:`minildm.config.with_training_seed`; 0, the
+    profile's, draws what the reference runs drew) — another seed is another draw of the course."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    results = {"profile": profile.name, "stages": {}}
+    _same_settings_as_before(out, profile.name, seed)
+    results = {"profile": profile.name, "seed": seed, "stages": {}}
     if lanes > 1:
         from minildm.course_lanes import run_lanes
 
-        results["lanes"] = run_lanes(profile, out, lanes, log)
+        results["lanes"] = run_lanes(profile, out, lanes, log, seed=seed)
     else:
-        started = time.time()
+        profile, started = with_training_seed(profile, seed), time.time()
         for number, name in enumerate(BUILT, 1):
             run_stage(name, profile, out, progress, log, f"course [{number}/{len(BUILT)}] {name}:",
                       so_far=lambda: time.time() - started)
@@ -168,7 +190,7 @@ def _train_stage(name: str, profile: Profile, out: Path, progress: bool) -> dict
 
     stage = stage_module(name)
     run_dir = out / name
-    card = stage.train(profile, str(run_dir), command=f"minildm course --profile {profile.name}",
+    card = stage.train(profile, str(run_dir), command=course_command(profile),
                        progress=progress, resume=(run_dir / "checkpoint").exists(), **upstream_runs(name, out))
     try:
         _, reference = load_checkpoint(stage.REFERENCE)
@@ -206,6 +228,9 @@ def report_markdown(results: dict, out: Path) -> str:
         lines += [f"Run on {lanes['lanes']} lanes sharing {lanes['cores']} cores, the course took "
                   f"{lanes['elapsed_s']:.0f} s of wall clock; each stage's time below was measured while it "
                   "shared the cores, so they add up to more than that.", ""]
+    if results.get("seed"):
+        lines += [f"Every stage trained at seed {results['seed']} (the reference runs: seed 0); "
+                  "the evaluations use the same prompts at every seed.", ""]
     if results["profile"] == "smoke":
         lines += ["(smoke profile: a few steps to prove the code runs; the targets are for the cpu profile)", ""]
     for name, result in results["stages"].items():

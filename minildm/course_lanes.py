@@ -44,8 +44,8 @@ import torch
 
 from minildm import prefetch, thread_share
 from minildm.checkpoints import load_json, save_json
-from minildm.config import Profile, get_profile
-from minildm.course import DONE, STAGE_OF_PART, run_stage, upstream_runs
+from minildm.config import Profile, get_profile, with_training_seed
+from minildm.course import DONE, STAGE_OF_PART, course_command, run_stage, upstream_runs
 from minildm.errors import UserError
 from minildm.stages import BASED_STAGES, BUILT, TRAIN_STAGES, UPSTREAM
 
@@ -81,10 +81,11 @@ def job_needs() -> dict[str, tuple[str, ...]]:
     return needs
 
 
-def run_lanes(profile: Profile, out: Path, lanes: int, log=print) -> dict:
+def run_lanes(profile: Profile, out: Path, lanes: int, log=print, seed: int = 0) -> dict:
     """Run (or resume) every job of the course in ``out``, at most ``lanes`` at once; returns the
     timeline: ``{"lanes", "cores", "elapsed_s", "jobs": {job: {"start_s", "end_s"}}}``, the
-    seconds counted on the course's clock (summed over the calls that made it)."""
+    seconds counted on the course's clock (summed over the calls that made it). Each job rebuilds
+    ``profile`` from its name, with every training seed ``seed``."""
     if get_profile(profile.name) != profile:
         raise ValueError(f"--lanes runs each job in a process of its own, which rebuilds profile "
                          f"{profile.name!r} from its name; this one was changed in memory")
@@ -110,7 +111,7 @@ def run_lanes(profile: Profile, out: Path, lanes: int, log=print) -> dict:
     try:
         while len(finished) < len(PRIORITY):
             for job in startable(finished, running, lanes, needs):
-                running[job] = _launch(job, profile, out, folder, lanes)
+                running[job] = _launch(job, profile, out, folder, lanes, seed)
                 timeline["jobs"][job] = {"start_s": clock()}
                 log(f"{_prefix(job)} started ({len(running)} of {lanes} lanes busy); its log: "
                     f"{folder / (_slug(job) + '.log')}", flush=True)
@@ -173,7 +174,7 @@ def _finished(job: str, out: Path) -> bool:
     return (out / stage / DONE).exists()
 
 
-def _launch(job: str, profile: Profile, out: Path, folder: Path, lanes: int) -> subprocess.Popen:
+def _launch(job: str, profile: Profile, out: Path, folder: Path, lanes: int, seed: int) -> subprocess.Popen:
     """Start ``job`` in a process of its own. On a GPU machine it draws batches ahead with its
     lane's share of the cores (:func:`minildm.prefetch.training_processes`): the judge, which runs
     alone, with all of them."""
@@ -181,7 +182,7 @@ def _launch(job: str, profile: Profile, out: Path, folder: Path, lanes: int) -> 
     share.unlink(missing_ok=True)  # from an interrupted call; _share_cores writes it before the job's first step
     with open(folder / f"{_slug(job)}.log", "ab") as log_file:
         return subprocess.Popen([sys.executable, "-m", "minildm.course_lanes", job, "--profile", profile.name,
-                                 "--out", str(out)], stdout=log_file, stderr=subprocess.STDOUT,
+                                 "--out", str(out), "--seed", str(seed)], stdout=log_file, stderr=subprocess.STDOUT,
                                 env={**os.environ, thread_share.ENV: str(share),
                                      prefetch.LANES_ENV: str(1 if job in ALONE else lanes)})
 
@@ -221,7 +222,7 @@ def run_job(job: str, profile: Profile, out: Path) -> None:
     thread_share.follow()
     stage, _, part = job.partition(":")
     if part:
-        stage_module(stage).train(profile, str(out / stage), command=f"minildm course --profile {profile.name}",
+        stage_module(stage).train(profile, str(out / stage), command=course_command(profile),
                                   progress=False, part=part, **upstream_runs(stage, out))
     else:
         run_stage(stage, profile, out, progress=False, log=print, prefix=f"{job}:")
@@ -233,9 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("job", choices=PRIORITY)
     parser.add_argument("--profile", required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:
-        run_job(args.job, get_profile(args.profile), Path(args.out))
+        run_job(args.job, with_training_seed(get_profile(args.profile), args.seed), Path(args.out))
     except UserError as error:
         print(f"minildm: error: {error}", file=sys.stderr)
         return 2

@@ -2,7 +2,7 @@
 
 import pytest
 
-from minildm.config import get_profile, with_overrides
+from minildm.config import TrainConfig, get_profile, with_overrides, with_training_seed
 from minildm.errors import UserError
 
 
@@ -24,3 +24,12 @@ def test_set_reaches_nested_fields_and_the_profiles_extras():
 def test_an_unknown_setting_is_one_clear_error(assignment, message):
     with pytest.raises(UserError, match=message):
         with_overrides(get_profile("cpu"), [assignment])
+
+
+def test_a_training_seed_reaches_every_training_run_and_nothing_else():
+    profile = get_profile("cpu")
+    seeded = with_training_seed(profile, 5)
+    trains = [name for name, value in vars(profile).items() if isinstance(value, TrainConfig)]
+    assert len(trains) == 7 and all(getattr(seeded, name).seed == 5 for name in trains)
+    assert with_training_seed(seeded, 0) == profile, "seed 0 is the profile's own draw"
+    assert seeded.eval_n == profile.eval_n and seeded.extras == profile.extras and seeded.ldm == profile.ldm

@@ -49,7 +49,8 @@ def test_cores_are_split_evenly_and_a_job_left_alone_gets_them_all(tmp_path):
 
 
 def test_course_on_two_lanes_runs_jobs_side_by_side_and_resumes(tmp_path, capsys):
-    assert main(["course", "--profile", "smoke", "--out", str(tmp_path), "--quiet", "--lanes", "2"]) == 0
+    course = ["course", "--profile", "smoke", "--out", str(tmp_path), "--quiet", "--lanes", "2", "--seed", "3"]
+    assert main(course) == 0
     printed = capsys.readouterr().out
     assert str(tmp_path / "report.md") in printed
     jobs = course_lanes.PRIORITY
@@ -77,16 +78,28 @@ def test_course_on_two_lanes_runs_jobs_side_by_side_and_resumes(tmp_path, capsys
     assert "follow_b_early" in report["stages"]["experts"]["targets"]
     add_card = json.loads((tmp_path / "add" / "card.json").read_text())
     assert add_card["teacher"] == str(tmp_path / "ldm")
+    # --seed 3 reached every job's process: another draw of the whole course
+    assert report["seed"] == 3 and "seed 3" in (tmp_path / "report.md").read_text()
+    for stage in ("judge", "ae", "clip", "ldm", "pixel", "add"):
+        card = json.loads((tmp_path / stage / "card.json").read_text())
+        assert card["seed"] == 3 and card["command"].endswith("--seed 3"), stage
+    assert experts_card["seed"] == 3
 
     # interrupted: a second call skips the finished jobs and runs the rest
     (tmp_path / "add" / "course.json").unlink()
     elapsed = timeline["elapsed_s"]
-    assert main(["course", "--profile", "smoke", "--out", str(tmp_path), "--quiet", "--lanes", "2"]) == 0
+    assert main(course) == 0
     printed = capsys.readouterr().out
     assert "[1/11] judge: finished in an earlier call" in printed and "experts:tree: finished in an earlier call" in printed
     assert "add: started" in printed and "ldm: started" not in printed
     assert json.loads((tmp_path / "metrics.json").read_text())["lanes"]["elapsed_s"] > elapsed, \
         "the course's clock counts every call"
+
+    # resumed at another seed, the directory would mix two draws: one line, nothing run
+    (tmp_path / "add" / "course.json").unlink()
+    assert main(course[:-2]) == 2
+    captured = capsys.readouterr()
+    assert "--seed 3" in captured.err and "new --out" in captured.err and "add: started" not in captured.out
 
 
 def test_a_failing_job_stops_the_course_with_one_line_naming_its_log(tmp_path):
@@ -118,7 +131,7 @@ def test_the_course_shares_two_cores_unless_told_otherwise(tmp_path, monkeypatch
     import minildm.course
 
     asked = []
-    monkeypatch.setattr(minildm.course, "run_course", lambda profile, out, progress, lanes: asked.append(lanes) or out)
+    monkeypatch.setattr(minildm.course, "run_course", lambda profile, out, progress, lanes, seed: asked.append(lanes) or out)
     for threads, lanes in ((1, 1), (2, 2), (16, 2)):
         monkeypatch.setattr(course_lanes.torch, "get_num_threads", lambda: threads)
         assert course_lanes.default_lanes() == lanes
