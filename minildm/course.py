@@ -98,13 +98,14 @@ def run_course(profile: Profile, out: Path, progress: bool = True, log=print, la
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _same_settings_as_before(out, profile.name, seed)
+    profile = with_training_seed(profile, seed)
     results = {"profile": profile.name, "seed": seed, "stages": {}}
     if lanes > 1:
         from minildm.course_lanes import run_lanes
 
-        results["lanes"] = run_lanes(profile, out, lanes, log, seed=seed)
+        results["lanes"] = run_lanes(profile, out, lanes, log)
     else:
-        profile, started = with_training_seed(profile, seed), time.time()
+        started = time.time()
         for number, name in enumerate(BUILT, 1):
             run_stage(name, profile, out, progress, log, f"course [{number}/{len(BUILT)}] {name}:",
                       so_far=lambda: time.time() - started)

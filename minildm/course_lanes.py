@@ -81,14 +81,15 @@ def job_needs() -> dict[str, tuple[str, ...]]:
     return needs
 
 
-def run_lanes(profile: Profile, out: Path, lanes: int, log=print, seed: int = 0) -> dict:
+def run_lanes(profile: Profile, out: Path, lanes: int, log=print) -> dict:
     """Run (or resume) every job of the course in ``out``, at most ``lanes`` at once; returns the
     timeline: ``{"lanes", "cores", "elapsed_s", "jobs": {job: {"start_s", "end_s"}}}``, the
     seconds counted on the course's clock (summed over the calls that made it). Each job rebuilds
-    ``profile`` from its name, with every training seed ``seed``."""
-    if get_profile(profile.name) != profile:
+    ``profile`` from its name and its training seed (:func:`minildm.config.with_training_seed`)."""
+    seed = profile.ldm_train.seed
+    if with_training_seed(get_profile(profile.name), seed) != profile:
         raise ValueError(f"--lanes runs each job in a process of its own, which rebuilds profile "
-                         f"{profile.name!r} from its name; this one was changed in memory")
+                         f"{profile.name!r} from its name and seed; this one was changed in memory")
     needs, folder, cores = job_needs(), out / "lanes", torch.get_num_threads()
     folder.mkdir(parents=True, exist_ok=True)
     timeline_file = folder / "timeline.json"
@@ -111,7 +112,7 @@ def run_lanes(profile: Profile, out: Path, lanes: int, log=print, seed: int = 0)
     try:
         while len(finished) < len(PRIORITY):
             for job in startable(finished, running, lanes, needs):
-                running[job] = _launch(job, profile, out, folder, lanes, seed)
+                running[job] = _launch(job, profile, out, folder, lanes)
                 timeline["jobs"][job] = {"start_s": clock()}
                 log(f"{_prefix(job)} started ({len(running)} of {lanes} lanes busy); its log: "
                     f"{folder / (_slug(job) + '.log')}", flush=True)
@@ -174,7 +175,7 @@ def _finished(job: str, out: Path) -> bool:
     return (out / stage / DONE).exists()
 
 
-def _launch(job: str, profile: Profile, out: Path, folder: Path, lanes: int, seed: int) -> subprocess.Popen:
+def _launch(job: str, profile: Profile, out: Path, folder: Path, lanes: int) -> subprocess.Popen:
     """Start ``job`` in a process of its own. On a GPU machine it draws batches ahead with its
     lane's share of the cores (:func:`minildm.prefetch.training_processes`): the judge, which runs
     alone, with all of them."""
@@ -182,7 +183,7 @@ def _launch(job: str, profile: Profile, out: Path, folder: Path, lanes: int, see
     share.unlink(missing_ok=True)  # from an interrupted call; _share_cores writes it before the job's first step
     with open(folder / f"{_slug(job)}.log", "ab") as log_file:
         return subprocess.Popen([sys.executable, "-m", "minildm.course_lanes", job, "--profile", profile.name,
-                                 "--out", str(out), "--seed", str(seed)], stdout=log_file, stderr=subprocess.STDOUT,
+                                 "--out", str(out), "--seed", str(profile.ldm_train.seed)], stdout=log_file, stderr=subprocess.STDOUT,
                                 env={**os.environ, thread_share.ENV: str(share),
                                      prefetch.LANES_ENV: str(1 if job in ALONE else lanes)})
 
