@@ -14,8 +14,9 @@ and resumes the unfinished one at the step of its last checkpoint. The report is
 
 ``--lanes 2`` (the command line's default on two cores or more) runs the stages that need nothing
 of each other side by side, each in a process of its own with its share of the cores
-(:mod:`minildm.course_lanes`); the stages themselves train and measure exactly as they do here
-one at a time, which is ``--lanes 1``.
+(:mod:`minildm.course_lanes`); the stages themselves run the same code, with the same random
+draws, as they do here one at a time, which is ``--lanes 1`` — only their thread counts differ,
+and with them the last bits of their sums (:mod:`minildm.thread_share`).
 """
 
 from __future__ import annotations
@@ -92,7 +93,9 @@ def run_course(profile: Profile, out: Path, progress: bool = True, log=print, la
 
     ``lanes=1`` runs the stages one after another in this process. ``lanes=2`` (or more) runs
     independent work side by side in processes of its own, sharing the cores
-    (:mod:`minildm.course_lanes`); every stage trains and measures exactly as it does alone.
+    (:mod:`minildm.course_lanes`); every stage draws the same random numbers as it does alone,
+    though a job whose thread count changes while it trains rounds its sums differently
+    (:mod:`minildm.thread_share` says which jobs, and by how much their figures moved).
     ``seed``: every stage's training seed (:func:`minildm.config.with_training_seed`; 0, the
     profile's, draws what the reference runs drew) — another seed is another draw of the course."""
     out = Path(out)

@@ -23,8 +23,9 @@ The scheduler starts jobs in :data:`PRIORITY` order as soon as what they need is
 ``lanes`` at a time (the judge, :data:`ALONE`, with nothing beside it), each in a process of its
 own (``python -m minildm.course_lanes JOB``; its output goes to ``DIR/lanes/JOB.log``). It
 splits the cores evenly among the running jobs and, when one is left alone, gives it all of them
-(:mod:`minildm.thread_share`). A job trains and measures exactly as ``minildm course`` does one
-stage at a time; only the thread counts differ.
+(:mod:`minildm.thread_share`). A job runs the same code, with the same random draws, as
+``minildm course`` does one stage at a time; only the thread counts differ, and a count that
+changes while a job trains changes the last bits of its sums (:mod:`minildm.thread_share`).
 Interrupted, the next call skips the finished jobs and resumes the others from their
 checkpoints, as the one-lane course does.
 """

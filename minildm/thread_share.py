@@ -8,7 +8,18 @@ calls :func:`torch.set_num_threads` when it changed.
 
 Why not one process with two threads? Each stage seeds torch's *global* random generator at every
 step (that is what makes a run reproducible and resumable), so two stages in one process would
-stir each other's randomness. Separate processes keep every stage exactly as it runs alone.
+stir each other's randomness. Separate processes keep every stage's random draws exactly as
+they are when it runs alone.
+
+What changing the count does not keep is the last bits of the arithmetic: a matrix product split
+over two threads sums in another order than on one (a bf16 ``nn.Linear`` on this CPU differs by
+about 2e-4), and the step at which a job goes from one thread to two depends on when the job
+beside it ends, a matter of the clock. So a job whose count changes while it trains (the LDM, when
+the pixel baseline ends before it; the jobs after the LDM) gives a slightly different model in two
+courses at the same seed, and its figures move by their own spread: the LDM's two-object
+alignment read 0.509 and 0.482 in two seed-1 courses. A job that kept one count all its life (the
+judge, the autoencoder, CLIP, the pixel baseline) reproduces to the digit. ``--lanes 1`` keeps
+every job on all the cores.
 
 Outside the course nothing sets ``MINILDM_THREAD_SHARE`` and :func:`follow` does nothing.
 """
