@@ -21,6 +21,8 @@ courses at the same seed, and its figures move by their own spread: the LDM's tw
 alignment read 0.509 and 0.482 in two seed-1 courses. A job that kept one count all its life (the
 judge, the autoencoder, CLIP, the pixel baseline) reproduces to the digit. ``--lanes 1`` keeps
 every job on all the cores.
+A run's card says when its count changed: its ``device`` reads ``cpu (1 thread, 2 from step
+2210)`` (:func:`minildm.train.thread_changes`).
 
 Outside the course nothing sets ``MINILDM_THREAD_SHARE`` and :func:`follow` does nothing.
 """

@@ -282,6 +282,8 @@ def train(task: TrainingTask, cfg: TrainConfig, out_dir: str | Path, *, resume: 
                 stats = {**stats, **_critic_step(task, ddp_critic, ddp_critic_optimizer, batches, rng_after,
                                                  accelerator)}
 
+            if accelerator.device.type == "cpu":  # the thread count it trained on: minildm.thread_share
+                stats = {**stats, THREADS: torch.get_num_threads()}
             _record(history, accelerator, loss, stats)
             recent = history["loss"][-20:]
             bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", refresh=False)
@@ -494,11 +496,31 @@ def _jsonable(value):
     return json.loads(json.dumps(value))
 
 
-def _device_name(device: torch.device) -> str:
+THREADS = "cpu_threads"  # the per-step record of the CPU thread count, kept in the run's history
+
+
+def thread_changes(counts: list[float | None]) -> list[list[int]]:
+    """``[[first step, threads], ...]``: where a CPU run's thread count changed, from its history.
+
+    ``minildm course --lanes`` gives a job more threads when the job beside it ends, at a step set
+    by the clock, and a product summed on more threads rounds differently (:mod:`minildm.thread_share`),
+    so a card that says when its count changed explains why two runs at one seed differ."""
+    changes: list[list[int]] = []
+    for step, count in enumerate(counts):
+        if count is not None and (not changes or changes[-1][1] != round(count)):
+            changes.append([step, round(count)])
+    return changes
+
+
+def _device_name(device: torch.device, changes: list[list[int]] | None = None) -> str:
+    """``cpu (2 threads)``; ``cpu (1 thread, 2 from step 2210)`` for a run whose count changed."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    threads = torch.get_num_threads()
-    return f"{device.type} ({threads} thread{'' if threads == 1 else 's'})"
+    if not changes:
+        changes = [[0, torch.get_num_threads()]]
+    first = changes[0][1]
+    later = "".join(f", {threads} from step {step}" for step, threads in changes[1:])
+    return f"{device.type} ({first} thread{'' if first == 1 else 's'}{later})"
 
 
 def _peak_memory_mb(device: torch.device) -> float | None:
@@ -526,13 +548,13 @@ def _card(task: TrainingTask, cfg: TrainConfig, accelerator: Accelerator, steps:
         "steps": steps,
         "wall_time_s": round(wall_time_s, 2),
         "steps_per_s": steps_per_s,
-        "device": _device_name(accelerator.device),
+        "device": _device_name(accelerator.device, thread_changes(history.get(THREADS, []))),
         "world_size": accelerator.num_processes,
         "mixed_precision": accelerator.mixed_precision,  # "auto" resolved (minildm.precision)
         "peak_memory_mb": _peak_memory_mb(accelerator.device),
         "loss_curve": curve,
         "final_loss": curve[-1][1] if curve else None,
-        "stat_curves": {name: loss_curve(values) for name, values in history.items() if name != "loss"},
+        "stat_curves": {name: loss_curve(values) for name, values in history.items() if name not in ("loss", THREADS)},
         "torch_version": torch.__version__,
         "progress": list(progress or []),
         "metrics": {},

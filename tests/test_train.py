@@ -17,7 +17,9 @@ from safetensors.torch import load_file
 
 from minildm.config import TrainConfig
 from minildm.errors import UserError
-from minildm.train import adam, ema_with_warmup, load_trained, loss_curve, lr_multiplier, parameter_groups, train
+from minildm import thread_share
+from minildm.train import (THREADS, adam, ema_with_warmup, load_trained, loss_curve, lr_multiplier, parameter_groups,
+                           thread_changes, train)
 
 TESTS = Path(__file__).resolve().parent
 _spec = importlib.util.spec_from_file_location("_toy_distributed", TESTS / "_toy_distributed.py")
@@ -116,6 +118,41 @@ def test_card_records_the_run(tmp_path):
     assert card["profile"] == "smoke" and card["metrics"] == {}
     assert card["final_loss"] == card["loss_curve"][-1][1]
     assert len(card["stat_curves"]["prediction_std"]) == 20
+
+
+class ThreadsRaisedToyTask(ToyTask):
+    """`minildm course --lanes`: the job beside this one ends after step 7, and this one gets 2 threads."""
+
+    def __init__(self, share: Path):
+        super().__init__()
+        self.share, self.steps_done = share, 0
+
+    def loss(self, model, batch):
+        if self.steps_done == 7:  # written during step 7: taken at the start of step 8
+            thread_share.write(self.share, 2)
+        self.steps_done += 1
+        return super().loss(model, batch)
+
+
+def test_the_card_says_when_the_thread_count_changed(tmp_path, monkeypatch):
+    before = torch.get_num_threads()
+    share = tmp_path / "job.threads"
+    thread_share.write(share, 1)
+    monkeypatch.setenv(thread_share.ENV, str(share))
+    monkeypatch.setattr(thread_share, "_last_seen", None)
+    try:
+        card = _train(ThreadsRaisedToyTask(share), tmp_path / "run")
+    finally:
+        torch.set_num_threads(before)
+    assert card["device"] == "cpu (1 thread, 2 from step 8)"
+    assert THREADS not in card["stat_curves"], "a thread count is not a training statistic"
+    state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
+    assert thread_changes(state["history"][THREADS]) == [[0, 1], [8, 2]], "kept for a resumed run"
+
+
+def test_thread_changes_reads_the_history_and_skips_steps_without_a_count():
+    assert thread_changes([]) == []
+    assert thread_changes([None, None, 2, 2, 1, 1.0, 2]) == [[2, 2], [4, 1], [6, 2]]
 
 
 def test_loss_curve_has_at_most_300_bin_means():
