@@ -13,16 +13,16 @@ they are when it runs alone.
 
 What changing the count does not keep is the last bits of the arithmetic: a matrix product split
 over two threads sums in another order than on one (a bf16 ``nn.Linear`` on this CPU differs by
-about 2e-4; the smoke profile's LDM trained twice on one thread gives the same weights to the
-bit, once on one thread and once on two, weights up to 2e-6 apart), and the step at which a job
-goes from one thread to two depends on when the job beside it ends, a matter of the clock. So a job whose count changes while it trains (the LDM, when
-the pixel baseline ends before it; the jobs after the LDM) gives a slightly different model in two
-courses at the same seed, and its figures move by their own spread: the LDM's two-object
-alignment read 0.509 and 0.482 in two seed-1 courses. A job that kept one count all its life (the
-judge, the autoencoder, CLIP, the pixel baseline) reproduces to the digit. ``--lanes 1`` keeps
-every job on all the cores.
-A run's card says when its count changed: its ``device`` reads ``cpu (1 thread, 2 from step
-2210)`` (:func:`minildm.train.thread_changes`).
+about 2e-4; the smoke profile's LDM trained twice on one thread gives the same weights to the bit,
+once on one thread and once on two, weights up to 2e-6 apart), and the step at which a job goes from
+one thread to two depends on when the job beside it ends, a matter of the clock. So a job whose
+count changes while it trains (the LDM, when the pixel baseline ends before it; the jobs after the
+LDM) gives a slightly different model in two courses at the same seed, and its figures move by their
+own spread: the LDM's two-object alignment read 0.509 and 0.482 in two seed-1 courses. A job that
+kept one count all its life (the judge, the autoencoder, CLIP, the pixel baseline) reproduces to the
+digit. ``--lanes 1`` keeps every job on all the cores.
+A run's card says when its count changed: its ``device`` reads ``cpu (1 thread, 2 from step 2210)``
+(:func:`minildm.train.thread_changes`).
 
 Outside the course nothing sets ``MINILDM_THREAD_SHARE`` and :func:`follow` does nothing.
 """

@@ -554,7 +554,8 @@ def _card(task: TrainingTask, cfg: TrainConfig, accelerator: Accelerator, steps:
         "peak_memory_mb": _peak_memory_mb(accelerator.device),
         "loss_curve": curve,
         "final_loss": curve[-1][1] if curve else None,
-        "stat_curves": {name: loss_curve(values) for name, values in history.items() if name not in ("loss", THREADS)},
+        "stat_curves": {name: loss_curve(values) for name, values in history.items()
+                        if name not in ("loss", THREADS)},
         "torch_version": torch.__version__,
         "progress": list(progress or []),
         "metrics": {},
