@@ -25,8 +25,11 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 from minildm.config import Profile, with_training_seed
 from minildm.errors import UserError
+from minildm.precision import resolve
 from minildm.stages import BASED_STAGES, BUILT, TRAIN_STAGES, UPSTREAM, stage_module
 
 STAGE_OF_PART = {"judge": "judge", "autoencoder": "ae", "encoder": "clip"}
@@ -49,6 +52,19 @@ ALSO_MEASURED = {
     "paint": ("best_recipe", "best_weight", "placement_unpainted", "alignment", "alignment_unpainted"),
     "add": ("alignment_1step", "alignment_4step", "teacher_alignment", "teacher_ddim_4step_alignment"),
 }
+
+
+def precision_note(profile: Profile, device_type: str) -> str | None:
+    """One line for a ``cpu`` course about to train its LDM in fp32 (``mixed_precision="auto"`` on
+    a CPU where bf16 is not faster, :mod:`minildm.precision`), or None: the course's times in the
+    README were measured in bf16 on a Xeon with AMX, and a teacher should know before the start
+    that this machine will take longer (``data/measurements/course_runs.md``, the Zen 3 run)."""
+    if profile.name != "cpu" or device_type != "cpu" or resolve(profile.ldm_train.mixed_precision, "cpu") != "no":
+        return None
+    return ("course: this CPU trains in fp32 (bf16 is not faster here; README, Precision). The README's "
+            "78 minutes were measured in bf16 on a 2-core Xeon with AMX; on a 2-core AMD Zen 3 in fp32 the "
+            "first three stages took 2.3-2.7x as long as there (35 minutes for the three); the whole course "
+            "has not been timed on such a CPU")
 
 
 def check_targets(metrics: dict, targets: dict) -> dict:
@@ -102,6 +118,9 @@ def run_course(profile: Profile, out: Path, progress: bool = True, log=print, la
     out.mkdir(parents=True, exist_ok=True)
     _same_settings_as_before(out, profile.name, seed)
     profile = with_training_seed(profile, seed)
+    note = precision_note(profile, "cuda" if torch.cuda.is_available() else "cpu")
+    if note:
+        log(note)
     results = {"profile": profile.name, "seed": seed, "stages": {}}
     if lanes > 1:
         from minildm.course_lanes import run_lanes

@@ -232,3 +232,18 @@ def test_latent_against_pixel_takes_the_ldm_at_no_more_training_seconds(tmp_path
         "the LDM's measurement at 390 s, not the nearer one at 410 s that trained longer than the pixel model"
     assert abs(comparison["alignment_latent_minus_pixel"] - 0.2) < 1e-9
     assert abs(comparison["fid_pixel_over_latent"] - 1.2) < 1e-9
+
+
+def test_a_cpu_course_that_will_train_in_fp32_says_so_before_it_starts(monkeypatch):
+    """The README's course times were measured in bf16 on a CPU with AMX; on a CPU where `auto`
+    picks fp32 the course warns, in one line, that it will take longer."""
+    from minildm import course
+
+    cpu = get_profile("cpu")
+    monkeypatch.setattr(course, "resolve", lambda asked, device: "no")
+    line = course.precision_note(cpu, "cpu")
+    assert line is not None and "fp32" in line and "\n" not in line
+    assert course.precision_note(get_profile("smoke"), "cpu") is None, "a smoke course takes minutes anyway"
+    assert course.precision_note(cpu, "cuda") is None
+    monkeypatch.setattr(course, "resolve", lambda asked, device: "bf16")
+    assert course.precision_note(cpu, "cpu") is None
