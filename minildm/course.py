@@ -58,13 +58,16 @@ def precision_note(profile: Profile, device_type: str) -> str | None:
     """One line for a ``cpu`` course about to train its LDM in fp32 (``mixed_precision="auto"`` on
     a CPU where bf16 is not faster, :mod:`minildm.precision`), or None: the course's times in the
     README were measured in bf16 on a Xeon with AMX, and a teacher should know before the start
-    that this machine will take longer (``data/measurements/course_runs.md``, the Zen 3 run)."""
+    that this machine will take longer (``data/measurements/course_runs.md``, the Zen 3 run), and
+    what to run instead if the hours are not there."""
     if profile.name != "cpu" or device_type != "cpu" or resolve(profile.ldm_train.mixed_precision, "cpu") != "no":
         return None
     return ("course: this CPU trains in fp32 (bf16 is not faster here; README, Precision). The README's "
             "78 minutes were measured in bf16 on a 2-core Xeon with AMX; on a 2-core AMD Zen 3 in fp32 the "
             "first three stages took 2.3-2.7x as long as there (35 minutes for the three); the whole course "
-            "has not been timed on such a CPU")
+            "has not been timed on such a CPU. Without the wait: `minildm results` measures the papers' claims "
+            "on the reference checkpoints, the notebooks load them with TRAIN_NOW = False, and "
+            "`--profile smoke` checks in minutes that the course runs")
 
 
 def check_targets(metrics: dict, targets: dict) -> dict:

@@ -236,13 +236,15 @@ def test_latent_against_pixel_takes_the_ldm_at_no_more_training_seconds(tmp_path
 
 def test_a_cpu_course_that_will_train_in_fp32_says_so_before_it_starts(monkeypatch):
     """The README's course times were measured in bf16 on a CPU with AMX; on a CPU where `auto`
-    picks fp32 the course warns, in one line, that it will take longer."""
+    picks fp32 the course warns, in one line, that it will take longer, and what to run instead."""
     from minildm import course
 
     cpu = get_profile("cpu")
     monkeypatch.setattr(course, "resolve", lambda asked, device: "no")
     line = course.precision_note(cpu, "cpu")
     assert line is not None and "fp32" in line and "\n" not in line
+    assert "minildm results" in line and "TRAIN_NOW = False" in line and "--profile smoke" in line, \
+        "the warning names what to run instead of hours of training"
     assert course.precision_note(get_profile("smoke"), "cpu") is None, "a smoke course takes minutes anyway"
     assert course.precision_note(cpu, "cuda") is None
     monkeypatch.setattr(course, "resolve", lambda asked, device: "bf16")
