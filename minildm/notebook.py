@@ -23,9 +23,30 @@ def setup(seed: int = 0) -> Profile:
     np.random.seed(seed)
     torch.manual_seed(seed)
     profile = get_profile()
-    device = "cuda" if torch.cuda.is_available() else f"cpu, {torch.get_num_threads()} threads"
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    device = "cuda" if device_type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"minildm profile: {profile.name} ({profile.shapes.image_size} px), device: {device}")
+    note = fp32_training_note(profile, device_type)
+    if note:
+        print(note)
     return profile
+
+
+def fp32_training_note(profile: Profile, device_type: str) -> str | None:
+    """One line for a learner whose CPU will train the ``cpu`` profile in fp32, or None.
+
+    ``mixed_precision="auto"`` (:mod:`minildm.precision`) trains in bf16 only where bf16 is
+    faster; the README's training times were measured that way, on a Xeon with AMX. On a 2-core
+    AMD Zen 3 in fp32 the same stages, each alone, trained 1.6× (the LDM) to 3.7× (the pixel
+    baseline) as long (``data/measurements/course_cpu_amd_zen3_partial.json``,
+    ``ldm_compile_amd_zen3.json``), so ``TRAIN_NOW = True`` deserves a warning there."""
+    from minildm.precision import resolve
+
+    if profile.name != "cpu" or device_type != "cpu" or resolve(profile.ldm_train.mixed_precision, "cpu") != "no":
+        return None
+    return ("This CPU trains in fp32 (no fast bf16 here): with TRAIN_NOW = True expect 1.6-3.7x the training "
+            "times in the README, measured in bf16 on a Xeon with AMX; TRAIN_NOW = False loads the reference "
+            "checkpoint at once.")
 
 
 def train_or_load(stage_name: str, profile: Profile, train_now: bool, run_dir: str | Path | None = None):
