@@ -37,16 +37,18 @@ def fp32_training_note(profile: Profile, device_type: str) -> str | None:
 
     ``mixed_precision="auto"`` (:mod:`minildm.precision`) trains in bf16 only where bf16 is
     faster; the README's training times were measured that way, on a Xeon with AMX. On a 2-core
-    AMD Zen 3 in fp32 the same stages, each alone, trained 1.6× (the LDM) to 3.7× (the pixel
-    baseline) as long (``data/measurements/course_cpu_amd_zen3_partial.json``,
-    ``ldm_compile_amd_zen3.json``), so ``TRAIN_NOW = True`` deserves a warning there."""
+    AMD Zen 3 in fp32 the judge, autoencoder, CLIP and LDM, each trained alone, took 1.6× (the
+    LDM) to 2.7× as long (``data/measurements/course_cpu_amd_zen3_partial.json``,
+    ``ldm_compile_amd_zen3.json``), and the pixel baseline's training step in ``minildm bench``
+    5.3× (``bench_cpu_amd_zen3.json`` against ``bench_cpu.json``), so ``TRAIN_NOW = True``
+    deserves a warning there."""
     from minildm.precision import resolve
 
     if profile.name != "cpu" or device_type != "cpu" or resolve(profile.ldm_train.mixed_precision, "cpu") != "no":
         return None
-    return ("This CPU trains in fp32 (no fast bf16 here): with TRAIN_NOW = True expect 1.6-3.7x the training "
-            "times in the README, measured in bf16 on a Xeon with AMX; TRAIN_NOW = False loads the reference "
-            "checkpoint at once.")
+    return ("This CPU trains in fp32 (no fast bf16 here): with TRAIN_NOW = True expect about 1.6-2.7x the "
+            "training times in the README, measured in bf16 on a Xeon with AMX (the pixel baseline about 5x); "
+            "TRAIN_NOW = False loads the reference checkpoint at once.")
 
 
 def train_or_load(stage_name: str, profile: Profile, train_now: bool, run_dir: str | Path | None = None):
