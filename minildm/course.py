@@ -29,7 +29,7 @@ import torch
 
 from minildm.config import Profile, with_training_seed
 from minildm.errors import UserError
-from minildm.precision import resolve
+from minildm.precision import cpu_profile_in_fp32
 from minildm.stages import BASED_STAGES, BUILT, TRAIN_STAGES, UPSTREAM, stage_module
 
 STAGE_OF_PART = {"judge": "judge", "autoencoder": "ae", "encoder": "clip"}
@@ -60,7 +60,7 @@ def precision_note(profile: Profile, device_type: str) -> str | None:
     README were measured in bf16 on a Xeon with AMX, and a teacher should know before the start
     that this machine will take longer (``data/measurements/course_runs.md``, the Zen 3 run), and
     what to run instead if the hours are not there."""
-    if profile.name != "cpu" or device_type != "cpu" or resolve(profile.ldm_train.mixed_precision, "cpu") != "no":
+    if not cpu_profile_in_fp32(profile, device_type):
         return None
     return ("course: this CPU trains in fp32 (bf16 is not faster here; README, Precision). The README's "
             "78 minutes were measured in bf16 on a 2-core Xeon with AMX; on a 2-core AMD Zen 3 in fp32 the "

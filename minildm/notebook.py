@@ -42,9 +42,9 @@ def fp32_training_note(profile: Profile, device_type: str) -> str | None:
     ``ldm_compile_amd_zen3.json``), and the pixel baseline's training step in ``minildm bench``
     5.3× (``bench_cpu_amd_zen3.json`` against ``bench_cpu.json``), so ``TRAIN_NOW = True``
     deserves a warning there."""
-    from minildm.precision import resolve
+    from minildm.precision import cpu_profile_in_fp32
 
-    if profile.name != "cpu" or device_type != "cpu" or resolve(profile.ldm_train.mixed_precision, "cpu") != "no":
+    if not cpu_profile_in_fp32(profile, device_type):
         return None
     return ("This CPU trains in fp32 (no fast bf16 here): with TRAIN_NOW = True expect about 1.6-2.7x the "
             "training times in the README, measured in bf16 on a Xeon with AMX (the pixel baseline about 5x); "

@@ -118,6 +118,13 @@ def resolve(mixed_precision: str, device_type: str) -> str:
     return mixed_precision
 
 
+def cpu_profile_in_fp32(profile, device_type: str) -> bool:
+    """Whether the ``cpu`` profile's LDM will train in fp32 on this CPU (``"auto"`` where bf16 is not
+    faster): the README's training times were measured in bf16, on a Xeon with AMX, so the course
+    and the notebooks' first cell say so in one line before they train."""
+    return profile.name == "cpu" and device_type == "cpu" and resolve(profile.ldm_train.mixed_precision, "cpu") == "no"
+
+
 _forced_cpu_sampling: bool | None = None  # set by cpu_sampling_in_bf16, for `minildm bench`
 
 

@@ -240,12 +240,12 @@ def test_a_cpu_course_that_will_train_in_fp32_says_so_before_it_starts(monkeypat
     from minildm import course
 
     cpu = get_profile("cpu")
-    monkeypatch.setattr(course, "resolve", lambda asked, device: "no")
+    monkeypatch.setattr("minildm.precision.resolve", lambda asked, device: "no")
     line = course.precision_note(cpu, "cpu")
     assert line is not None and "fp32" in line and "\n" not in line
     assert "minildm results" in line and "TRAIN_NOW = False" in line and "--profile smoke" in line, \
         "the warning names what to run instead of hours of training"
     assert course.precision_note(get_profile("smoke"), "cpu") is None, "a smoke course takes minutes anyway"
     assert course.precision_note(cpu, "cuda") is None
-    monkeypatch.setattr(course, "resolve", lambda asked, device: "bf16")
+    monkeypatch.setattr("minildm.precision.resolve", lambda asked, device: "bf16")
     assert course.precision_note(cpu, "cpu") is None
