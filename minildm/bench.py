@@ -83,7 +83,8 @@ import torch
 from accelerate.utils import send_to_device
 
 from minildm.config import get_profile
-from minildm.precision import bf16_is_faster, bf16_is_native, cpu_sampling_in_bf16, resolve as resolve_precision
+from minildm.precision import (bf16_is_faster, bf16_is_native, cpu_sampling_in_bf16, machine_device_type,
+                               resolve as resolve_precision)
 from minildm.prefetch import gpu_machine_workers
 from minildm.train import adam
 
@@ -180,7 +181,7 @@ def run_bench(profile_name: str = "cpu", device: str | None = None) -> dict:
     from minildm.stages import judge as judge_stage
     from minildm.stages.ae import AutoencoderTask
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or machine_device_type()
     profile = get_profile(profile_name)
     torch.manual_seed(0)
 

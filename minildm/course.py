@@ -25,11 +25,9 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 from minildm.config import Profile, with_training_seed
 from minildm.errors import UserError
-from minildm.precision import cpu_profile_in_fp32
+from minildm.precision import cpu_profile_in_fp32, machine_device_type
 from minildm.stages import BASED_STAGES, BUILT, TRAIN_STAGES, UPSTREAM, stage_module
 
 STAGE_OF_PART = {"judge": "judge", "autoencoder": "ae", "encoder": "clip"}
@@ -121,7 +119,7 @@ def run_course(profile: Profile, out: Path, progress: bool = True, log=print, la
     out.mkdir(parents=True, exist_ok=True)
     _same_settings_as_before(out, profile.name, seed)
     profile = with_training_seed(profile, seed)
-    note = precision_note(profile, "cuda" if torch.cuda.is_available() else "cpu")
+    note = precision_note(profile, machine_device_type())
     if note:
         log(note)
     results = {"profile": profile.name, "seed": seed, "stages": {}}

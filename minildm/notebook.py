@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from minildm.config import Profile, get_profile
+from minildm.precision import cpu_profile_in_fp32, machine_device_type
 
 
 def setup(seed: int = 0) -> Profile:
@@ -23,7 +24,7 @@ def setup(seed: int = 0) -> Profile:
     np.random.seed(seed)
     torch.manual_seed(seed)
     profile = get_profile()
-    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    device_type = machine_device_type()
     device = "cuda" if device_type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"minildm profile: {profile.name} ({profile.shapes.image_size} px), device: {device}")
     note = fp32_training_note(profile, device_type)
@@ -42,8 +43,6 @@ def fp32_training_note(profile: Profile, device_type: str) -> str | None:
     ``ldm_compile_amd_zen3.json``), and the pixel baseline's training step in ``minildm bench``
     5.3× (``bench_cpu_amd_zen3.json`` against ``bench_cpu.json``), so ``TRAIN_NOW = True``
     deserves a warning there."""
-    from minildm.precision import cpu_profile_in_fp32
-
     if not cpu_profile_in_fp32(profile, device_type):
         return None
     return ("This CPU trains in fp32 (no fast bf16 here): with TRAIN_NOW = True expect about 1.6-2.7x the "

@@ -118,6 +118,11 @@ def resolve(mixed_precision: str, device_type: str) -> str:
     return mixed_precision
 
 
+def machine_device_type() -> str:
+    """"cuda" where torch sees a CUDA GPU, else "cpu": where a run goes when no device is named."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def cpu_profile_in_fp32(profile, device_type: str) -> bool:
     """Whether the ``cpu`` profile's LDM will train in fp32 on this CPU (``"auto"`` where bf16 is not
     faster): the README's training times were measured in bf16, on a Xeon with AMX, so the course

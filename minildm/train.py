@@ -67,7 +67,7 @@ from minildm.checkpoints import (CARD, WEIGHTS, atomic_write_dir, atomic_write_f
                                  save_json, save_tensors)
 from minildm.config import TrainConfig
 from minildm.errors import UserError
-from minildm.precision import MIXED_PRECISIONS, resolve as resolve_precision
+from minildm.precision import MIXED_PRECISIONS, machine_device_type, resolve as resolve_precision
 from minildm.prefetch import batches_ahead, render_workers
 
 __all__ = ["TrainingTask", "train", "is_main_process", "leave_process_group", "load_trained", "lr_multiplier", "ema_with_warmup", "loss_curve"]
@@ -444,7 +444,7 @@ def _make_accelerator(cfg: TrainConfig, device: str | None) -> Accelerator:
         raise UserError("device cuda asked for, but torch sees no CUDA GPU; use --device cpu")
     if cfg.mixed_precision == "fp16" and (device == "cpu" or not torch.cuda.is_available()):
         raise UserError("mixed precision fp16 needs a CUDA GPU; use bf16, auto or no on the CPU")
-    precision = resolve_precision(cfg.mixed_precision, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    precision = resolve_precision(cfg.mixed_precision, device or machine_device_type())
     # Accelerate keeps its settings in process-wide state, and refuses a second Accelerator with
     # other settings; a notebook that trains one stage in bf16 and the next in fp32 needs it
     # afresh. Under torchrun the process group (the "partial state") is kept.
