@@ -184,6 +184,12 @@ class TrainConfig:
     # cores allow (up to 8) on a GPU and none on a CPU, whose cores are training; the batches,
     # and so the model, are the same either way (minildm.prefetch).
     render_workers: int | None = None
+    # A cap on the training seconds (progress measurements not counted, resumed calls summed): the
+    # run stops at ``steps`` or when it has trained this long, whichever comes first, and its card
+    # says which (``stopped_by_time_budget``). None: no cap. The learning rate keeps the schedule of
+    # ``steps``, so a run the cap stops ends before its rate has decayed. For a budget that is a
+    # length of time rather than an amount of work: the pixel baseline's "as long as the LDM".
+    max_train_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -272,9 +278,13 @@ def _cpu() -> Profile:
                                               context_dim=64), space="pixel"),
         # equal wall clock with the latent run: a pixel step took 2.08 s on this CPU, a latent one
         # 0.40 s, so 576 steps fill the latent run's 20 minutes. "auto-native": bf16 also on a CPU
-        # with AVX-512 BF16 but no AMX (Intel's), where this step alone of the course's ran faster in bf16
+        # with AVX-512 BF16 but no AMX (Intel's), where this step alone of the course's ran faster in bf16.
+        # That count holds only where it was measured: on an AVX2 CPU in fp32 (a 2-core AMD Zen 3) a pixel
+        # step took 5.3× as long, a latent one 1.65×, so 576 steps took about an hour and the baseline
+        # got far more time than the LDM. The 25-minute cap keeps it near the LDM's time on any CPU; on
+        # the Xeon the steps end the run first (1235 and 1346 s in its two course runs)
         pixel_train=TrainConfig(steps=576, batch_size=128, lr=1e-3, warmup_steps=40, ema_decay=0.995,
-                                mixed_precision="auto-native", checkpoint_every=96),
+                                mixed_precision="auto-native", checkpoint_every=96, max_train_seconds=1500),
         # five fine-tunings of the reference LDM (four tree nodes and the middle expert), each on its
         # interval with the text tower frozen, and the equal-cost baseline: 2 × 5 × 225 steps. Halved from
         # 450, which had left the experts' gain over one model within noise of zero all the same

@@ -226,6 +226,7 @@ def _train_stage(name: str, profile: Profile, out: Path, progress: bool) -> dict
     return {"steps": card.get("training_steps", card["steps"]),
             "train_wall_time_s": card.get("training_wall_time_s", card["wall_time_s"]), "device": card["device"],
             "mixed_precision": card.get("mixed_precision"),  # the profile's "auto" resolved (minildm.precision)
+            "stopped_by_time_budget": card.get("stopped_by_time_budget", False),  # TrainConfig.max_train_seconds
             "builds_on": upstream_runs(name, out), "metrics": card["metrics"],
             "targets": check_targets(card["metrics"], getattr(stage, "TARGETS", {})), "loss_curve": "loss_curve.png"}
 
@@ -265,6 +266,8 @@ def report_markdown(results: dict, out: Path) -> str:
             lines.append(f"{result['steps']} steps, {result['train_wall_time_s']:.0f} s of training on "
                          f"{result['device']}{precision} ({result['wall_time_s']:.0f} s with measuring); weights "
                          f"and card in `{out / name}`.")
+            if result.get("stopped_by_time_budget"):
+                lines.append(f"Its time budget ({name}_train.max_train_seconds) stopped it before the profile's steps.")
         else:
             lines.append(f"measured on `{out / 'ldm'}` (nothing to train), {result['wall_time_s']:.0f} s.")
         if result["builds_on"]:

@@ -56,7 +56,7 @@ from typing import Protocol
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import send_to_device
+from accelerate.utils import broadcast, send_to_device
 from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
@@ -196,7 +196,8 @@ def loss_curve(losses: list[float | None], max_points: int = LOSS_CURVE_POINTS) 
 def train(task: TrainingTask, cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False,
           device: str | None = None, command: str | None = None, progress: bool = True,
           extra_card: dict | None = None) -> dict:
-    """Train ``task.model`` for ``cfg.steps`` steps in total and write the run to ``out_dir``.
+    """Train ``task.model`` for ``cfg.steps`` steps in total and write the run to ``out_dir``;
+    with ``cfg.max_train_seconds``, stop sooner once training has taken that long.
 
     ``resume=True`` continues from ``out_dir/checkpoint`` up to ``cfg.steps`` (a larger value than
     the first time extends the run). ``device`` is ``"cpu"``, ``"cuda"`` or ``None`` (a GPU when
@@ -209,6 +210,7 @@ def train(task: TrainingTask, cfg: TrainConfig, out_dir: str | Path, *, resume: 
     virtual_ranks = world_size * cfg.accumulate  # see TrainConfig.accumulate
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, resume)
+    _check_time_budget(cfg.max_train_seconds)
     accelerator.wait_for_everyone()
 
     model = task.model.to(accelerator.device)
@@ -251,8 +253,11 @@ def train(task: TrainingTask, cfg: TrainConfig, out_dir: str | Path, *, resume: 
     own_ranks = [rank * cfg.accumulate + micro for micro in range(cfg.accumulate)]
     ahead = (batches_ahead(task, start, cfg.steps, own_ranks, virtual_ranks, workers,
                            pin_memory=accelerator.device.type == "cuda") if workers else None)
+    budget = cfg.max_train_seconds
+    out_of_time = budget is not None and wall_before >= budget  # resumed after the cap was reached
+    done = start
     try:
-        for step in range(start, cfg.steps):
+        for step in range(start, start if out_of_time else cfg.steps):
             thread_share.follow()  # `minildm course --lanes`: this run's share of the cores
             if critic is not None:
                 critic.requires_grad_(False)  # the model's loss may look through the critic
@@ -290,13 +295,16 @@ def train(task: TrainingTask, cfg: TrainConfig, out_dir: str | Path, *, resume: 
             bar.update(1)
             done = step + 1
             every = cfg.checkpoint_every
-            if accelerator.is_main_process and (done == cfg.steps or every > 0 and done % every == 0):
+            out_of_time = budget is not None and _time_is_up(wall(), budget, accelerator)
+            if accelerator.is_main_process and (done == cfg.steps or out_of_time or every > 0 and done % every == 0):
                 seconds = wall()
                 if getattr(task, "progress_eval", None) is not None:
                     measured.append([done, round(seconds, 2), _measure(task, ema.module, measuring)])
                 _save_training_state(out_dir / CHECKPOINT_DIR, card_of(done, history, seconds),
                                      history, seconds, model, ema, optimizer, scheduler, accelerator,
                                      critic, critic_optimizer)
+            if out_of_time:
+                break
     finally:
         del ahead  # stops the workers drawing batches, if any
         bar.close()
@@ -305,10 +313,13 @@ def train(task: TrainingTask, cfg: TrainConfig, out_dir: str | Path, *, resume: 
             accelerator.unwrap_model(ddp_critic, keep_fp32_wrapper=False)
             critic.requires_grad_(True)
 
-    trained = cfg.steps - start
+    if out_of_time and accelerator.is_main_process:
+        print(f"train {task.stage}: stopped at step {done} of {cfg.steps}: its time budget of {budget:g} s "
+              "of training is spent (TrainConfig.max_train_seconds)", flush=True)
+    trained = done - start
     elapsed = time.perf_counter() - session_start
-    card = card_of(cfg.steps, history, wall(),
-                   steps_per_s=round(trained / elapsed, 3) if trained else None)
+    card = card_of(done, history, wall(), steps_per_s=round(trained / elapsed, 3) if trained and elapsed > 0 else None,
+                   stopped_by_time_budget=out_of_time)
     if accelerator.is_main_process:
         atomic_write_file(out_dir / WEIGHTS, lambda path: save_tensors(path, ema.module.state_dict()))
         atomic_write_file(out_dir / CARD, lambda path: save_json(path, card))
@@ -452,6 +463,20 @@ def _make_accelerator(cfg: TrainConfig, device: str | None) -> Accelerator:
     return Accelerator(cpu=device == "cpu", mixed_precision=precision)
 
 
+def _check_time_budget(seconds) -> None:
+    if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds <= 0):
+        raise UserError(f"max_train_seconds={seconds!r}: give a positive number of seconds, or null for no cap")
+
+
+def _time_is_up(seconds_trained: float, budget: float, accelerator: Accelerator) -> bool:
+    """Whether the training time has reached ``budget``, as the main process reads its clock: every
+    rank gets its answer, so that all stop at the same step."""
+    up = torch.tensor([float(seconds_trained >= budget)], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        up = broadcast(up, from_process=0)
+    return bool(up.item())
+
+
 def _check_out_dir(out_dir: Path, resume: bool) -> None:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -537,7 +562,8 @@ def _peak_memory_mb(device: torch.device) -> float | None:
 
 def _card(task: TrainingTask, cfg: TrainConfig, accelerator: Accelerator, steps: int,
           history: dict[str, list[float]], wall_time_s: float, *, command: str | None,
-          extra_card: dict | None, progress: list | None = None, steps_per_s: float | None = None) -> dict:
+          extra_card: dict | None, progress: list | None = None, steps_per_s: float | None = None,
+          stopped_by_time_budget: bool = False) -> dict:
     curve = loss_curve(history["loss"])
     card = {
         "stage": task.stage,
@@ -547,6 +573,7 @@ def _card(task: TrainingTask, cfg: TrainConfig, accelerator: Accelerator, steps:
         "seed": cfg.seed,
         "steps": steps,
         "wall_time_s": round(wall_time_s, 2),
+        "stopped_by_time_budget": stopped_by_time_budget,  # before cfg.steps: TrainConfig.max_train_seconds
         "steps_per_s": steps_per_s,
         "device": _device_name(accelerator.device, thread_changes(history.get(THREADS, []))),
         "world_size": accelerator.num_processes,

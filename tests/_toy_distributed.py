@@ -47,9 +47,32 @@ class ToyTask:
         return {"in_features": IN_FEATURES, "hidden": self.hidden}
 
 
+class MainClockToyTask(ToyTask):
+    """Only rank 0's fake clock moves (a second a step): the ranks disagree about the time spent."""
+
+    def __init__(self, clock: list[float], rank: int):
+        super().__init__()
+        self.clock, self.rank = clock, rank
+
+    def batch(self, step: int, rank: int, world_size: int):
+        self.clock[0] += 1.0 if self.rank == 0 else 0.0
+        return super().batch(step, rank, world_size)
+
+
 if __name__ == "__main__":
     cfg = TrainConfig(steps=6, batch_size=8, lr=1e-2, warmup_steps=2, ema_decay=0.9,
                       checkpoint_every=3, seed=0)
-    card = train(ToyTask(), cfg, sys.argv[1], device="cpu", progress=False)
+    task = ToyTask()
+    if sys.argv[2:] == ["--time-budget-on-rank-0-only"]:  # TrainConfig.max_train_seconds across ranks
+        import dataclasses
+        import os
+        from types import SimpleNamespace
+
+        import minildm.train as train_module
+
+        clock = [0.0]
+        train_module.time = SimpleNamespace(perf_counter=lambda: clock[0])
+        task, cfg = MainClockToyTask(clock, int(os.environ["RANK"])), dataclasses.replace(cfg, max_train_seconds=2)
+    card = train(task, cfg, sys.argv[1], device="cpu", progress=False)
     assert card["world_size"] == 2, card["world_size"]
     leave_process_group()  # as minildm's command line does, or a rank can abort at teardown

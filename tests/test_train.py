@@ -10,6 +10,7 @@ import subprocess
 import sys
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -81,6 +82,44 @@ def test_resume_can_extend_a_finished_run(tmp_path):
     _train(ToyTask(), tmp_path / "run", TrainConfig(**{**CFG.__dict__, "steps": 10}))
     card = _train(ToyTask(), tmp_path / "run", resume=True)
     assert card["steps"] == 20 and card["loss_curve"][-1][0] == 20
+
+
+class ClockedToyTask(ToyTask):
+    """Each step takes one second of a fake clock, which the training loop reads as its own."""
+
+    def __init__(self, clock: list[float]):
+        super().__init__()
+        self.clock = clock
+
+    def batch(self, step, rank, world_size):
+        self.clock[0] += 1.0
+        return super().batch(step, rank, world_size)
+
+
+def test_a_time_budget_stops_the_run_and_resuming_goes_on_exactly(tmp_path, monkeypatch):
+    import minildm.train as train_module
+
+    clock = [0.0]
+    monkeypatch.setattr(train_module, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    capped = TrainConfig(**{**CFG.__dict__, "max_train_seconds": 5})
+    run = tmp_path / "run"
+    card = _train(ClockedToyTask(clock), run, capped)
+    assert card["steps"] == 5 and card["stopped_by_time_budget"] and card["wall_time_s"] == 5
+    assert card["train"]["max_train_seconds"] == 5 and len(card["loss_curve"]) == 5
+    assert json.loads((run / "checkpoint" / "state.json").read_text())["step"] == 5  # saved where it stopped
+    assert json.loads((run / "card.json").read_text()) == card
+
+    again = _train(ClockedToyTask(clock), run, capped, resume=True)  # the budget is spent: nothing to train
+    assert again["steps"] == 5 and again["stopped_by_time_budget"]
+
+    raised = TrainConfig(**{**CFG.__dict__, "max_train_seconds": 100})
+    resumed = _train(ClockedToyTask(clock), run, raised, resume=True)
+    assert resumed["steps"] == 20 and not resumed["stopped_by_time_budget"] and resumed["wall_time_s"] == 20
+    monkeypatch.undo()  # the real clock again
+    straight_card = _train(ToyTask(), tmp_path / "straight")  # no budget: the same 20 steps in one call
+    assert resumed["loss_curve"] == straight_card["loss_curve"] and not straight_card["stopped_by_time_budget"]
+    a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(run / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_task_can_scale_the_learning_rate_of_some_parameters(tmp_path):
@@ -228,6 +267,9 @@ def test_bad_runs_are_one_line_user_errors(tmp_path):
     (tmp_path / "a_file").write_text("")
     with pytest.raises(UserError, match="cannot write to --out"):
         _train(ToyTask(), tmp_path / "a_file" / "run")
+    for seconds in (0, -1, "abc"):
+        with pytest.raises(UserError, match="give a positive number of seconds, or null for no cap"):
+            _train(ToyTask(), tmp_path / "x", TrainConfig(max_train_seconds=seconds))
     with pytest.raises(UserError, match="choose one of: no, bf16, fp16, auto, auto-native"):
         _train(ToyTask(), tmp_path / "x", TrainConfig(mixed_precision="fp32"))
     if not torch.cuda.is_available():
@@ -266,18 +308,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _torchrun_toy(out: Path, *options: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS.parent)}
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+         f"--master_port={_free_port()}", str(TESTS / "_toy_distributed.py"), str(out), *options],
+        env=env, capture_output=True, text=True, timeout=300)
+
+
 def test_two_process_torchrun_on_cpu(tmp_path):
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS.parent)}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-         f"--master_port={_free_port()}", str(TESTS / "_toy_distributed.py"), str(out)],
-        env=env, capture_output=True, text=True, timeout=300)
+    result = _torchrun_toy(out)
     assert result.returncode == 0, result.stderr[-3000:]
     card = json.loads((out / "card.json").read_text())
     assert card["world_size"] == 2 and card["steps"] == 6
     assert sorted(p.name for p in out.iterdir()) == ["card.json", "checkpoint", "model.safetensors"]
     assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 6
+
+
+def test_a_time_budget_stops_every_rank_at_the_main_process_step(tmp_path):
+    """Rank 0's clock reaches the 2 s budget after step 2, rank 1's never moves: rank 0's reading
+    decides for both. Were each rank to read its own, rank 1 would wait for rank 0 at step 3 forever."""
+    out = tmp_path / "run"
+    result = _torchrun_toy(out, "--time-budget-on-rank-0-only")
+    assert result.returncode == 0, result.stderr[-3000:]
+    card = json.loads((out / "card.json").read_text())
+    assert card["world_size"] == 2 and card["steps"] == 2 and card["stopped_by_time_budget"]
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 2
 
 
 @pytest.mark.parametrize("stage", ["judge", "ae", "clip"])
