@@ -42,11 +42,15 @@ def fp32_training_note(profile: Profile, device_type: str) -> str | None:
     LDM) to 2.7× as long (``data/measurements/course_cpu_amd_zen3_partial.json``,
     ``ldm_compile_amd_zen3.json``), and the pixel baseline's training step in ``minildm bench``
     5.3× (``bench_cpu_amd_zen3.json`` against ``bench_cpu.json``), so ``TRAIN_NOW = True``
-    deserves a warning there."""
+    deserves a warning there. The pixel baseline's 576 steps would take about an hour there; its
+    cap (``pixel_train.max_train_seconds``) stops it at 25 minutes of training, after fewer steps."""
     if not cpu_profile_in_fp32(profile, device_type):
         return None
+    cap = profile.pixel_train.max_train_seconds
+    pixel = (f"the pixel baseline stops at its {cap / 60:g}-minute cap, after fewer steps" if cap
+             else "the pixel baseline about 5x")
     return ("This CPU trains in fp32 (no fast bf16 here): with TRAIN_NOW = True expect about 1.6-2.7x the "
-            "training times in the README, measured in bf16 on a Xeon with AMX (the pixel baseline about 5x); "
+            f"training times in the README, measured in bf16 on a Xeon with AMX ({pixel}); "
             "TRAIN_NOW = False loads the reference checkpoint at once.")
 
 

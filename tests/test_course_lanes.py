@@ -202,7 +202,8 @@ def test_the_report_shows_each_stage_figures_beside_its_targets(tmp_path):
            "mixed_precision": "bf16", "builds_on": {}, "loss_curve": "loss_curve.png",
            "metrics": {"alignment": 0.61, "fid": 476.1, "colour_swaps": 0.1, "alignment_two_object": 0.55},
            "targets": {"alignment_two_object": {"value": 0.55, "target": ">= 0.5", "met": True}}}
-    pixel = {**ldm, "metrics": {"alignment": 0.2, "fid": 2412.4, "colour_swaps": 0.15}, "targets": {}}
+    pixel = {**ldm, "metrics": {"alignment": 0.2, "fid": 2412.4, "colour_swaps": 0.15}, "targets": {},
+             "stopped_by_time_budget": True}
     paint = {"wall_time_s": 3.0, "builds_on": {"ldm": "L"},
              "metrics": {"best_recipe": "full+carry", "best_weight": 0.5, "placement": 0.86},
              "targets": {"placement": {"value": 0.86, "target": ">= 0.8", "met": True}}}
@@ -215,6 +216,8 @@ def test_the_report_shows_each_stage_figures_beside_its_targets(tmp_path):
     assert "alignment 0.2," in sections["pixel"] and "fid" not in sections["pixel"], \
         "the pixel model's fid is on fewer images than the LDM's: not set beside it"
     assert "best_recipe full+carry, best_weight 0.5" in sections["paint"]
+    assert "Its time budget (pixel_train.max_train_seconds) stopped it" in sections["pixel"]
+    assert "time budget" not in sections["ldm"]
 
 
 def test_latent_against_pixel_takes_the_ldm_at_no_more_training_seconds(tmp_path):

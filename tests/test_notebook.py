@@ -11,6 +11,7 @@ def test_setup_warns_a_learner_whose_cpu_trains_in_fp32(monkeypatch, capsys):
     cpu = get_profile("cpu")
     line = notebook.fp32_training_note(cpu, "cpu")
     assert line is not None and "fp32" in line and "TRAIN_NOW = False" in line and "\n" not in line
+    assert "pixel baseline stops at its 25-minute cap" in line  # pixel_train.max_train_seconds
     assert notebook.fp32_training_note(cpu, "cuda") is None
     assert notebook.fp32_training_note(get_profile("smoke"), "cpu") is None, "smoke trains a few steps"
 
