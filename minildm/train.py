@@ -205,12 +205,12 @@ def train(task: TrainingTask, cfg: TrainConfig, out_dir: str | Path, *, resume: 
     Every rank returns the card; only the main process writes files. On return ``task.model``
     holds the raw trained weights; :func:`load_trained` loads the EMA weights that were saved.
     """
+    _check_time_budget(cfg.max_train_seconds)
     accelerator = _make_accelerator(cfg, device)
     rank, world_size = accelerator.process_index, accelerator.num_processes
     virtual_ranks = world_size * cfg.accumulate  # see TrainConfig.accumulate
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, resume)
-    _check_time_budget(cfg.max_train_seconds)
     accelerator.wait_for_everyone()
 
     model = task.model.to(accelerator.device)
@@ -313,13 +313,14 @@ def train(task: TrainingTask, cfg: TrainConfig, out_dir: str | Path, *, resume: 
             accelerator.unwrap_model(ddp_critic, keep_fp32_wrapper=False)
             critic.requires_grad_(True)
 
-    if out_of_time and accelerator.is_main_process:
+    stopped_early = out_of_time and done < cfg.steps  # on the last step, the steps ended it
+    if stopped_early and accelerator.is_main_process:
         print(f"train {task.stage}: stopped at step {done} of {cfg.steps}: its time budget of {budget:g} s "
               "of training is spent (TrainConfig.max_train_seconds)", flush=True)
     trained = done - start
     elapsed = time.perf_counter() - session_start
     card = card_of(done, history, wall(), steps_per_s=round(trained / elapsed, 3) if trained and elapsed > 0 else None,
-                   stopped_by_time_budget=out_of_time)
+                   stopped_by_time_budget=stopped_early)
     if accelerator.is_main_process:
         atomic_write_file(out_dir / WEIGHTS, lambda path: save_tensors(path, ema.module.state_dict()))
         atomic_write_file(out_dir / CARD, lambda path: save_json(path, card))

@@ -112,6 +112,10 @@ def test_a_time_budget_stops_the_run_and_resuming_goes_on_exactly(tmp_path, monk
     again = _train(ClockedToyTask(clock), run, capped, resume=True)  # the budget is spent: nothing to train
     assert again["steps"] == 5 and again["stopped_by_time_budget"]
 
+    exact = TrainConfig(**{**CFG.__dict__, "max_train_seconds": 20})
+    on_the_last_step = _train(ClockedToyTask(clock), tmp_path / "exact", exact)
+    assert on_the_last_step["steps"] == 20 and not on_the_last_step["stopped_by_time_budget"], "the steps ended it"
+
     raised = TrainConfig(**{**CFG.__dict__, "max_train_seconds": 100})
     resumed = _train(ClockedToyTask(clock), run, raised, resume=True)
     assert resumed["steps"] == 20 and not resumed["stopped_by_time_budget"] and resumed["wall_time_s"] == 20
@@ -269,7 +273,8 @@ def test_bad_runs_are_one_line_user_errors(tmp_path):
         _train(ToyTask(), tmp_path / "a_file" / "run")
     for seconds in (0, -1, "abc"):
         with pytest.raises(UserError, match="give a positive number of seconds, or null for no cap"):
-            _train(ToyTask(), tmp_path / "x", TrainConfig(max_train_seconds=seconds))
+            _train(ToyTask(), tmp_path / "budget", TrainConfig(max_train_seconds=seconds))
+        assert not (tmp_path / "budget").exists(), "refused before anything is written"
     with pytest.raises(UserError, match="choose one of: no, bf16, fp16, auto, auto-native"):
         _train(ToyTask(), tmp_path / "x", TrainConfig(mixed_precision="fp32"))
     if not torch.cuda.is_available():
