@@ -47,10 +47,9 @@ def fp32_training_note(profile: Profile, device_type: str) -> str | None:
     if not cpu_profile_in_fp32(profile, device_type):
         return None
     cap = profile.pixel_train.max_train_seconds
-    pixel = (f"the pixel baseline stops at its {cap / 60:g}-minute cap, after fewer steps" if cap
-             else "the pixel baseline about 5x")
+    pixel = f" (the pixel baseline stops at its {cap / 60:g}-minute cap, after fewer steps)" if cap else ""
     return ("This CPU trains in fp32 (no fast bf16 here): with TRAIN_NOW = True expect about 1.6-2.7x the "
-            f"training times in the README, measured in bf16 on a Xeon with AMX ({pixel}); "
+            f"training times in the README, measured in bf16 on a Xeon with AMX{pixel}; "
             "TRAIN_NOW = False loads the reference checkpoint at once.")
 
 

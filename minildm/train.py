@@ -256,8 +256,9 @@ def train(task: TrainingTask, cfg: TrainConfig, out_dir: str | Path, *, resume: 
     budget = cfg.max_train_seconds
     out_of_time = budget is not None and wall_before >= budget  # resumed after the cap was reached
     done = start
+    until = start if out_of_time else cfg.steps  # the step the loop stops before
     try:
-        for step in range(start, start if out_of_time else cfg.steps):
+        for step in range(start, until):
             thread_share.follow()  # `minildm course --lanes`: this run's share of the cores
             if critic is not None:
                 critic.requires_grad_(False)  # the model's loss may look through the critic
@@ -470,12 +471,13 @@ def _check_time_budget(seconds) -> None:
 
 
 def _time_is_up(seconds_trained: float, budget: float, accelerator: Accelerator) -> bool:
-    """Whether the training time has reached ``budget``, as the main process reads its clock: every
-    rank gets its answer, so that all stop at the same step."""
-    up = torch.tensor([float(seconds_trained >= budget)], device=accelerator.device)
-    if accelerator.num_processes > 1:
-        up = broadcast(up, from_process=0)
-    return bool(up.item())
+    """Whether the training time has reached ``budget``. With several processes the main one's clock
+    decides and every rank gets its answer, so that all stop at the same step; one process just
+    compares (no tensor, so no GPU synchronisation on every step)."""
+    up = seconds_trained >= budget
+    if accelerator.num_processes == 1:
+        return up
+    return bool(broadcast(torch.tensor([float(up)], device=accelerator.device), from_process=0).item())
 
 
 def _check_out_dir(out_dir: Path, resume: bool) -> None:
