@@ -134,7 +134,9 @@ class AddConfig:
     weighting: str = "exponential"  # c(t): "exponential" (α_t) [default] | "sds" (α_t / 2σ_t)
     distill_space: str = "pixel"  # "pixel" (through the decoder, as the paper) | "latent"
     # the teacher's classifier-free guidance in the target: the paper names none (the diffusers port
-    # draws w ~ U[1, 8]); measured at 400 steps, 6 gave 1-step alignment 0.50 where 3 gave 0.46
+    # draws w ~ U[1, 8]); at 400 steps 6 gave 1-step alignment 0.50 where 3 gave 0.46 (120 images), but
+    # measured again on one machine with 328 images, 3 / 6 / 9 / 12 gave 0.51 / 0.50 / 0.51 / 0.48, one
+    # draw's spread (add_levers.json's "teacher_guidance_sweep"); 6 is kept
     teacher_guidance: float = 6.0
     r1_gamma: float = 1e-5  # R1 on the heads' inputs [1e-5]
     disc_lr: float = 2e-4

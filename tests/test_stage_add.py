@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -248,3 +249,24 @@ def test_the_student_reads_the_teachers_encoded_items(add_run):
 
     _, root = add_run
     assert (root / "teacher" / ITEMS).is_file() and not (root / "run" / ITEMS).exists()
+
+
+def test_the_teacher_guidance_sweep_changes_only_the_targets_guidance(monkeypatch, tmp_path):
+    seen = {}
+
+    def train(profile, out, **kwargs):
+        seen[Path(out).name] = profile
+        metrics = {k: 0.5 for k in ("alignment_1step", "fid_1step", "alignment_4step", "fid_4step",
+                                    "teacher_alignment", "teacher_fid")}
+        return {"wall_time_s": 1.0, "metrics": {**metrics, "alignment_by_category_1step": {}}}
+
+    monkeypatch.setattr(add_stage, "train", train)
+    profile = get_profile("smoke")
+    results = add_stage.ablation(profile, tmp_path, steps=2, eval_n=4, runs=add_stage.TEACHER_GUIDANCE_RUNS)
+    assert {name: p.add.teacher_guidance for name, p in seen.items()} == {
+        "teacher-guidance=3": 3.0, "both": profile.add.teacher_guidance, "teacher-guidance=9": 9.0,
+        "teacher-guidance=12": 12.0}
+    assert all(dataclasses.replace(p.add, teacher_guidance=profile.add.teacher_guidance) == profile.add
+               for p in seen.values()), "nothing else of the recipe changes"
+    assert results["command"].endswith("runs=TEACHER_GUIDANCE_RUNS)"), "the command names the sweep it ran"
+    assert json.loads((tmp_path / "ablation.json").read_text())["runs"].keys() == seen.keys()

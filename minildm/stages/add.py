@@ -479,6 +479,10 @@ LEVER_RUNS = {"both": {}, "lambda=1": {"distill_weight": 1.0}, "lambda=10": {"di
               "teacher-t-500-999": {"teacher_t_range": (500, 999)}, "teacher-t-0-499": {"teacher_t_range": (0, 499)},
               "matching-aware-D": {"mismatch_weight": 1.0}, "latent-distillation": {"distill_space": "latent"},
               "teacher-D": {"discriminator": "teacher"}}  # LADD's discriminator (minildm.latent_discriminator)
+# the teacher's guidance in the distillation target, the paper's unnamed setting: 3 (the teacher's own
+# sampling guidance), 6 (the default, the "both" run), 9 and 12
+TEACHER_GUIDANCE_RUNS = {"teacher-guidance=3": {"teacher_guidance": 3.0}, "both": {},
+                         "teacher-guidance=9": {"teacher_guidance": 9.0}, "teacher-guidance=12": {"teacher_guidance": 12.0}}
 
 
 def ablation(profile: Profile, out: str | Path, *, base: str | None = None, steps: int | None = None,
@@ -487,10 +491,12 @@ def ablation(profile: Profile, out: str | Path, *, base: str | None = None, step
     """ADD's Table 1d at toy scale: the same run with the distillation loss only, the adversarial
     loss only, both, and both with the SDS weighting c(t) = α_t/(2σ_t) in place of α_t; each
     measured by :func:`evaluate`. Writes ``out/ablation.json``. ``runs`` (name → ``add`` settings)
-    replaces the four, e.g. :data:`LEVER_RUNS`."""
+    replaces the four, e.g. :data:`LEVER_RUNS` or :data:`TEACHER_GUIDANCE_RUNS`."""
     out = Path(out)
     runs = ABLATION_RUNS if runs is None else runs
-    runs_arg = "" if runs is ABLATION_RUNS else ", runs=LEVER_RUNS" if runs is LEVER_RUNS else f", runs={runs!r}"
+    named = {"LEVER_RUNS": LEVER_RUNS, "TEACHER_GUIDANCE_RUNS": TEACHER_GUIDANCE_RUNS}
+    runs_arg = "" if runs is ABLATION_RUNS else next(
+        (f", runs={name}" for name, known in named.items() if runs is known), f", runs={runs!r}")
     command = command or (f"minildm.stages.add.ablation(get_profile({profile.name!r}), {str(out)!r}, "
                           f"steps={steps}, eval_n={eval_n}{runs_arg})")
     results = {"profile": profile.name, "steps": steps or profile.add_train.steps, "eval_n": eval_n,
@@ -535,7 +541,8 @@ def reference_ablation() -> dict:
 
 
 def reference_levers() -> dict:
-    """The lever runs (:data:`LEVER_RUNS`) measured on the cpu profile (``data/measurements/add_levers.json``)."""
+    """The lever runs (:data:`LEVER_RUNS`, and :data:`TEACHER_GUIDANCE_RUNS` under
+    ``"teacher_guidance_sweep"``) measured on the cpu profile (``data/measurements/add_levers.json``)."""
     return json.loads(LEVERS.read_text())
 
 
