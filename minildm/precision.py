@@ -136,11 +136,17 @@ def cpu_profile_in_fp32(profile, device_type: str) -> bool:
 _forced_cpu_sampling: bool | None = None  # set by cpu_sampling_in_bf16, for `minildm bench`
 
 
-def sampling_autocast(device: torch.device):
-    """The autocast context the UNet samples in: bf16 on a CPU where :func:`bf16_is_faster`, else
-    none (fp32). Outputs are cast back with ``.float()`` by the caller."""
+def sampling_precision(device: torch.device) -> str:
+    """``"bf16"`` where the UNet samples under bf16 autocast on ``device`` (a CPU where
+    :func:`bf16_is_faster`), else ``"fp32"``."""
     in_bf16 = bf16_is_faster("cpu") if _forced_cpu_sampling is None else _forced_cpu_sampling
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cpu" and in_bf16)
+    return "bf16" if device.type == "cpu" and in_bf16 else "fp32"
+
+
+def sampling_autocast(device: torch.device):
+    """The autocast context the UNet samples in (:func:`sampling_precision`). Outputs are cast back
+    with ``.float()`` by the caller."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=sampling_precision(device) == "bf16")
 
 
 @contextlib.contextmanager

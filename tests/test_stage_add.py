@@ -63,6 +63,34 @@ def test_the_evaluation_measures_student_teacher_and_forced_teacher(add_run):
     assert m["alignment_ratio_1step"] == pytest.approx(m["alignment_1step"] / max(m["teacher_alignment"], 1e-9))
 
 
+def test_the_teachers_figures_come_from_its_card_only_where_it_measured_them_alike(add_run):
+    import copy
+
+    from minildm.config import EVAL_SEED
+    from minildm.stages import judge as judge_stage
+
+    card, root = add_run
+    teacher_metrics = json.loads((root / "teacher" / "card.json").read_text())["metrics"]
+    model, _ = add_stage.load(root / "run")
+    judge, n = judge_stage.load(None)[0], teacher_metrics["n"]
+    assert card["metrics"]["n"] == n and card["metrics"]["teacher_figures_from"] == "its card"
+    assert card["metrics"]["teacher_alignment"] == teacher_metrics["alignment"]
+    assert card["metrics"]["teacher_fid"] == teacher_metrics["fid"]
+    assert "teacher" not in card["metrics"]["generation_seconds"], "the teacher's 656 images are not drawn again"
+    assert add_stage.teacher_figures_from_card(model, n, EVAL_SEED, judge) == teacher_metrics
+    measured = ldm_stage.evaluate(model.teacher, n, EVAL_SEED, judge=judge)
+    assert measured["alignment"] == teacher_metrics["alignment"], "measured again, the same images"
+    assert measured["fid"] == pytest.approx(teacher_metrics["fid"], rel=1e-6)
+    other_judge = copy.deepcopy(judge)
+    with torch.no_grad():
+        next(other_judge.parameters()).add_(1e-3)
+    assert add_stage.teacher_figures_from_card(model, n, EVAL_SEED + 1, judge) is None, "another seed"
+    assert add_stage.teacher_figures_from_card(model, n - 1, EVAL_SEED, judge) is None, "other prompts"
+    assert add_stage.teacher_figures_from_card(model, n, EVAL_SEED, other_judge) is None, "another judge"
+    model.teacher_card["metrics"].pop("measured_with")
+    assert add_stage.teacher_figures_from_card(model, n, EVAL_SEED, judge) is None, "a card that does not say"
+
+
 def test_sampling_is_deterministic_per_seed_and_refuses_guidance(add_run):
     _, root = add_run
     model, _ = add_stage.load(root / "run")

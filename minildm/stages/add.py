@@ -14,7 +14,10 @@ the images it generated for the critic's, so each step generates once.
 ``minildm eval add`` measures the student at 1, 2 and 4 steps (no guidance) against the teacher
 at 50 guided DDIM steps — and the teacher forced to 1 and 4 DDIM steps, which is what the
 student is for — on the evaluation prompts, with the judge: alignment, fid, and the 50-step
-teacher's sampling time over the 1-step student's, both measured in the same run.
+teacher's sampling time over the 1-step student's, both measured in the same run. The teacher's
+50-step figures are read from its card where its own stage measured exactly them (the same
+prompts, seed, judge and sampling precision: :func:`teacher_figures_from_card`), as the course's
+LDM has just done; elsewhere they are measured here.
 
 Toy-scale changes, each named where it is made: the discriminator's ViT is the tiny CLIP's
 (DINOv2 cannot be downloaded); the student timesteps' top input is pure noise instead of a
@@ -354,6 +357,7 @@ class Distilled:
     student: StudentPipeline
     teacher: DiffusionPipeline
     card: dict
+    teacher_card: dict = dataclasses.field(default_factory=dict)
 
 
 def load(path: str | Path | None = None) -> tuple[Distilled, dict]:
@@ -370,8 +374,8 @@ def load(path: str | Path | None = None) -> tuple[Distilled, dict]:
     if teacher_path is not None and not Path(teacher_path).exists():
         raise UserError(f"{folder} was distilled from {teacher_path}, which is not there any more; "
                         "the evaluation compares the student with its teacher")
-    teacher, _ = ldm.load_pipeline(teacher_path)
-    return Distilled(student, teacher, card), card
+    teacher, teacher_card = ldm.load_pipeline(teacher_path)
+    return Distilled(student, teacher, card, teacher_card), card
 
 
 def sampling_pipeline(path: str | Path | None = None) -> tuple[StudentPipeline, dict]:
@@ -408,7 +412,10 @@ def evaluate(model: Distilled, n: int = 656, seed: int = EVAL_SEED, judge=None) 
         figures[f"alignment_by_category_{steps}step"] = m["alignment_by_category"]
         figures[f"colour_swaps_{steps}step"] = m["colour_swaps"]
     teacher_cfg = model.teacher.cfg
-    m, seconds["teacher"] = measure(model.teacher, teacher_cfg.sample_steps, teacher_cfg.guidance)
+    m = teacher_figures_from_card(model, n, seed, judge)
+    figures["teacher_figures_from"] = "its card" if m is not None else "measured here"
+    if m is None:
+        m, seconds["teacher"] = measure(model.teacher, teacher_cfg.sample_steps, teacher_cfg.guidance)
     figures.update(teacher_alignment=m["alignment"], teacher_fid=m["fid"],
                    teacher_alignment_by_category=m["alignment_by_category"], teacher_steps=teacher_cfg.sample_steps,
                    teacher_guidance=teacher_cfg.guidance)
@@ -424,6 +431,18 @@ def evaluate(model: Distilled, n: int = 656, seed: int = EVAL_SEED, judge=None) 
     figures.update(sampling_speed(model, [r["prompt"] for r in records[:128]], seed))
     figures["generation_seconds"] = {k: round(v, 3) for k, v in seconds.items()}
     return figures
+
+
+def teacher_figures_from_card(model: Distilled, n: int, seed: int, judge) -> dict | None:
+    """The teacher's figures at its own 50 guided steps from its card, where its stage measured them
+    on the same ``n`` prompts with the same seed, judge and sampling precision as :func:`evaluate`
+    would now (:func:`minildm.stages.ldm.measured_with`); None where it did not, or its card says
+    nothing of how (cards written before it was recorded). Measuring again would draw the same
+    images, up to the rounding of another machine or thread count."""
+    figures = model.teacher_card.get("metrics") or {}
+    wanted = {"n": n, "steps": model.teacher.cfg.sample_steps, "guidance": model.teacher.cfg.guidance,
+              "measured_with": ldm.measured_with(model.teacher, seed, judge)}
+    return figures if all(figures.get(key) == value for key, value in wanted.items()) else None
 
 
 def _timed(run) -> float:

@@ -50,7 +50,8 @@ from minildm.data.datasets import shapes_batch
 from minildm.errors import UserError
 from minildm.diffusion import NoiseSchedule
 from minildm.pipeline import DiffusionPipeline
-from minildm.stages.items import ItemCache, item_cache
+from minildm.precision import sampling_precision
+from minildm.stages.items import ItemCache, item_cache, weights_digest
 from minildm.unet import TextConditionedUNet, UNet
 
 REFERENCE = Path(__file__).resolve().parents[2] / "data" / "checkpoints" / "ldm"
@@ -293,7 +294,9 @@ def judge_samples(pipeline: DiffusionPipeline, records: list[dict], judge, seed:
 def evaluate(pipeline: DiffusionPipeline, n: int = 656, seed: int = EVAL_SEED, steps: int | None = None,
              guidance: float | None = None, judge=None, judged: dict | None = None) -> dict:
     """Generate ``n`` images for the evaluation prompts and measure them (module docstring).
-    ``judged``: the output of :func:`judge_samples` on ``evaluation_prompts(n)``, if already made."""
+    ``judged``: the output of :func:`judge_samples` on ``evaluation_prompts(n)``, if already made.
+    ``measured_with`` (:func:`measured_with`) records what else the figures depend on, so that a
+    later stage can tell whether they are the ones it would measure (ADD's teacher figures)."""
     from minildm.metrics import alignment_report, frechet_distance
     from minildm.stages import judge as judge_stage
 
@@ -316,4 +319,13 @@ def evaluate(pipeline: DiffusionPipeline, n: int = 656, seed: int = EVAL_SEED, s
         "fid": frechet_distance(judge.features(judged["images"]).numpy(), judge.features(real).numpy()),
         "nfe": judged["steps"] * (2 if judged["guidance"] != 1.0 else 1),
         "images_per_second": round(n / judged["seconds"], 2),
+        "measured_with": measured_with(pipeline, seed, judge),
     }
+
+
+def measured_with(pipeline: DiffusionPipeline, seed: int, judge) -> dict:
+    """What a diffusion model's figures depend on besides its weights, ``n``, ``steps`` and
+    ``guidance``: the noise seed, the judge (a digest of its weights) and the precision the UNet
+    sampled in. Two measurements that agree on all of these draw the same images, up to the
+    rounding of another machine or thread count."""
+    return {"seed": seed, "judge": weights_digest(judge), "sampling": sampling_precision(pipeline.device)}
