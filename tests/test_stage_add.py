@@ -1,5 +1,6 @@
 """Stage 6: the ADD student distilled from an LDM teacher, its sampler, its measurements."""
 
+import copy
 import dataclasses
 import json
 from pathlib import Path
@@ -9,9 +10,10 @@ import torch
 
 from minildm.checkpoints import load_checkpoint
 from minildm.cli import main
-from minildm.config import get_profile, with_overrides
+from minildm.config import EVAL_SEED, get_profile, with_overrides
 from minildm.errors import UserError
 from minildm.stages import add as add_stage
+from minildm.stages import judge as judge_stage
 from minildm.stages import ldm as ldm_stage
 
 
@@ -64,11 +66,6 @@ def test_the_evaluation_measures_student_teacher_and_forced_teacher(add_run):
 
 
 def test_the_teachers_figures_come_from_its_card_only_where_it_measured_them_alike(add_run):
-    import copy
-
-    from minildm.config import EVAL_SEED
-    from minildm.stages import judge as judge_stage
-
     card, root = add_run
     teacher_metrics = json.loads((root / "teacher" / "card.json").read_text())["metrics"]
     model, _ = add_stage.load(root / "run")
@@ -76,7 +73,7 @@ def test_the_teachers_figures_come_from_its_card_only_where_it_measured_them_ali
     assert card["metrics"]["n"] == n and card["metrics"]["teacher_figures_from"] == "its card"
     assert card["metrics"]["teacher_alignment"] == teacher_metrics["alignment"]
     assert card["metrics"]["teacher_fid"] == teacher_metrics["fid"]
-    assert "teacher" not in card["metrics"]["generation_seconds"], "the teacher's 656 images are not drawn again"
+    assert "teacher" not in card["metrics"]["generation_seconds"], "the teacher's images are not drawn again"
     assert add_stage.teacher_figures_from_card(model, n, EVAL_SEED, judge) == teacher_metrics
     measured = ldm_stage.evaluate(model.teacher, n, EVAL_SEED, judge=judge)
     assert measured["alignment"] == teacher_metrics["alignment"], "measured again, the same images"

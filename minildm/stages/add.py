@@ -357,7 +357,7 @@ class Distilled:
     student: StudentPipeline
     teacher: DiffusionPipeline
     card: dict
-    teacher_card: dict = dataclasses.field(default_factory=dict)
+    teacher_card: dict
 
 
 def load(path: str | Path | None = None) -> tuple[Distilled, dict]:
