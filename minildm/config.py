@@ -171,6 +171,10 @@ class TrainConfig:
     # "auto-native": bf16 also on any CPU with AVX-512 BF16 — minildm.precision
     mixed_precision: str = "no"
     checkpoint_every: int = 500
+    # Where a task measures its progress (``progress_eval``, kept in the card's ``progress``): at every
+    # checkpoint (True), or only at the run's last step (False), for a run whose curve nobody reads
+    # (the course's pixel baseline: minildm.course.course_profile). Training is the same either way.
+    progress_at_every_checkpoint: bool = True
     seed: int = TRAIN_SEED
     # Gradient accumulation: each process computes a step's gradient as ``accumulate`` micro-batches
     # in turn, each the batch and randomness of one "virtual rank" (its share of the global batch),

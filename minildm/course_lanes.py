@@ -45,8 +45,8 @@ import torch
 
 from minildm import prefetch, thread_share
 from minildm.checkpoints import load_json, save_json
-from minildm.config import Profile, get_profile, with_training_seed
-from minildm.course import DONE, STAGE_OF_PART, course_command, run_stage, upstream_runs
+from minildm.config import Profile, get_profile
+from minildm.course import DONE, STAGE_OF_PART, course_command, course_profile, run_stage, upstream_runs
 from minildm.errors import UserError
 from minildm.stages import BASED_STAGES, BUILT, TRAIN_STAGES, UPSTREAM
 
@@ -86,9 +86,10 @@ def run_lanes(profile: Profile, out: Path, lanes: int, log=print) -> dict:
     """Run (or resume) every job of the course in ``out``, at most ``lanes`` at once; returns the
     timeline: ``{"lanes", "cores", "elapsed_s", "jobs": {job: {"start_s", "end_s"}}}``, the
     seconds counted on the course's clock (summed over the calls that made it). Each job rebuilds
-    ``profile`` from its name and its training seed (:func:`minildm.config.with_training_seed`)."""
+    the profile as the course trains it (:func:`minildm.course.course_profile`) from its name and
+    its training seed."""
     seed = profile.ldm_train.seed
-    if with_training_seed(get_profile(profile.name), seed) != profile:
+    if course_profile(get_profile(profile.name), seed) != course_profile(profile, seed):
         raise ValueError(f"--lanes runs each job in a process of its own, which rebuilds profile "
                          f"{profile.name!r} from its name and seed; this one was changed in memory")
     needs, folder, cores = job_needs(), out / "lanes", torch.get_num_threads()
@@ -239,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:
-        run_job(args.job, with_training_seed(get_profile(args.profile), args.seed), Path(args.out))
+        run_job(args.job, course_profile(get_profile(args.profile), args.seed), Path(args.out))
     except UserError as error:
         print(f"minildm: error: {error}", file=sys.stderr)
         return 2

@@ -297,9 +297,10 @@ def train(task: TrainingTask, cfg: TrainConfig, out_dir: str | Path, *, resume: 
             done = step + 1
             every = cfg.checkpoint_every
             out_of_time = budget is not None and _time_is_up(wall(), budget, accelerator)
-            if accelerator.is_main_process and (done == cfg.steps or out_of_time or every > 0 and done % every == 0):
+            last = done == cfg.steps or out_of_time
+            if accelerator.is_main_process and (last or every > 0 and done % every == 0):
                 seconds = wall()
-                if getattr(task, "progress_eval", None) is not None:
+                if getattr(task, "progress_eval", None) is not None and (last or cfg.progress_at_every_checkpoint):
                     measured.append([done, round(seconds, 2), _measure(task, ema.module, measuring)])
                 _save_training_state(out_dir / CHECKPOINT_DIR, card_of(done, history, seconds),
                                      history, seconds, model, ema, optimizer, scheduler, accelerator,

@@ -171,6 +171,9 @@ def test_course_runs_the_built_stages_and_writes_a_report(tmp_path, capsys):
     assert ldm_card["parts"] == {"encoder": str(tmp_path / "clip"), "autoencoder": str(tmp_path / "ae")}
     pixel_card = json.loads((tmp_path / "pixel" / "card.json").read_text())
     assert pixel_card["parts"] == {"encoder": str(tmp_path / "clip"), "autoencoder": None}
+    assert [point[0] for point in pixel_card["progress"]] == [pixel_card["steps"]], \
+        "the course measures its pixel baseline only where it reads it: at the last step (course_profile)"
+    assert len(ldm_card["progress"]) > 1, "the LDM's curve is measured at every checkpoint, as in minildm train"
     experts_card = json.loads((tmp_path / "experts" / "card.json").read_text())
     assert experts_card["base"] == str(tmp_path / "ldm"), "the course's experts start from the course's own LDM"
     assert experts_card["parts"] == ldm_card["parts"]

@@ -126,6 +126,33 @@ def test_a_time_budget_stops_the_run_and_resuming_goes_on_exactly(tmp_path, monk
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+class MeasuredToyTask(ToyTask):
+    """Measures its progress: the EMA model's first weight, and how many measurements so far."""
+
+    def __init__(self):
+        super().__init__()
+        self.measurements = 0
+
+    def progress_eval(self, ema_model):
+        self.measurements += 1
+        return {"first_weight": next(ema_model.parameters()).flatten()[0].item(), "count": self.measurements}
+
+
+def test_progress_is_measured_at_every_checkpoint_or_only_at_the_end_and_training_is_the_same(tmp_path):
+    every = _train(MeasuredToyTask(), tmp_path / "every")
+    assert [step for step, _, _ in every["progress"]] == [10, 20]
+    at_end = TrainConfig(**{**CFG.__dict__, "progress_at_every_checkpoint": False})
+    task = MeasuredToyTask()
+    last = _train(task, tmp_path / "last", at_end)
+    assert [step for step, _, _ in last["progress"]] == [20] and task.measurements == 1
+    assert last["progress"][0][2]["first_weight"] == every["progress"][-1][2]["first_weight"]
+    a, b = load_file(tmp_path / "every" / "model.safetensors"), load_file(tmp_path / "last" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "measuring does not change training"
+    capped = TrainConfig(**{**at_end.__dict__, "max_train_seconds": 1e-9})  # stopped by its budget after step 1
+    stopped = _train(MeasuredToyTask(), tmp_path / "stopped", capped)
+    assert stopped["stopped_by_time_budget"] and [step for step, _, _ in stopped["progress"]] == [stopped["steps"]]
+
+
 def test_a_task_can_scale_the_learning_rate_of_some_parameters(tmp_path):
     model = ToyTask().model
     groups = parameter_groups(model, 1e-3, {"3.": 10.0})
