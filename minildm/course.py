@@ -110,8 +110,9 @@ def course_profile(profile: Profile, seed: int) -> Profile:
     """The profile as the course trains it: every run at training seed ``seed``
     (:func:`minildm.config.with_training_seed`), and the pixel baseline measuring its progress only
     at its last step — the course reads no other (:func:`latent_against_pixel`), and each earlier one
-    took about 30 s of a lane on the 2-core CPUs here, time the LDM beside it gets instead. The
-    baseline trains the same; ``minildm train pixel`` keeps the whole curve (``minildm results``)."""
+    took about 31 s of a lane on a 2-core AMD Zen 5, time the LDM beside it gets instead
+    (``data/measurements/course_cpu_amd_zen5_seed1.json``). The baseline trains the same;
+    ``minildm train pixel`` keeps the whole curve (``minildm results``)."""
     profile = with_training_seed(profile, seed)
     return dataclasses.replace(profile, pixel_train=dataclasses.replace(profile.pixel_train,
                                                                         progress_at_every_checkpoint=False))
