@@ -6,8 +6,9 @@ student on the course's LDM — so nothing but the measuring instrument comes fr
 every metric is read by the *reference* judge, the course's fixed ruler (as FID always uses the
 same Inception network), so that a course run and the reference runs compare.
 
-For each stage: train it with the profile (``DIR/<stage>/``), measure it with its ``evaluate``,
-check its targets, and draw its loss curve over the reference's. One progress line per stage.
+For each stage: train it with the profile (``DIR/<stage>/``; :func:`course_profile` says what the
+course changes of it), measure it with its ``evaluate``, check its targets, and draw its loss
+curve over the reference's. One progress line per stage.
 Interrupted, a second call with the same ``DIR`` skips the finished stages (``DIR/<stage>/course.json``)
 and resumes the unfinished one at the step of its last checkpoint. The report is ``DIR/report.md``
 (for people) and ``DIR/metrics.json`` (for programs).
