@@ -260,13 +260,23 @@ def _evaluate_only(name: str, profile: Profile, out: Path) -> dict:
 
 def report_markdown(results: dict, out: Path) -> str:
     met, total = results["targets_met"]
-    lines = [f"# minildm course report — profile `{results['profile']}`", "",
-             f"{len(results['stages'])} stages in {results['wall_time_s']:.0f} s; targets met: {met} of {total}.", ""]
+    stages, summed = len(results["stages"]), results["wall_time_s"]
+    lines = [f"# minildm course report — profile `{results['profile']}`", ""]
     if "lanes" in results:
         lanes = results["lanes"]
-        lines += [f"Run on {lanes['lanes']} lanes sharing {lanes['cores']} cores, the course took "
-                  f"{lanes['elapsed_s']:.0f} s of wall clock; each stage's time below was measured while it "
-                  "shared the cores, so they add up to more than that.", ""]
+        lines += [f"The course took **{lanes['elapsed_s'] / 60:.1f} minutes** of wall clock ({lanes['elapsed_s']:.0f} s), "
+                  f"run on {lanes['lanes']} lanes sharing {lanes['cores']} cores. Each stage's time below was "
+                  f"measured while it shared the cores, so the {stages} stages' times add up to more: {summed:.0f} s.", ""]
+    else:
+        lines += [f"The course took **{summed / 60:.1f} minutes**: {stages} stage{'s' * (stages != 1)} one after "
+                  f"another, {summed:.0f} s.", ""]
+    lines += [f"Targets met: **{met} of {total}**."]
+    missed = [(name, metric, check) for name, result in results["stages"].items()
+              for metric, check in result["targets"].items() if not check["met"]]
+    if missed:
+        lines += ["", "Missed:"] + [f"- {name} · {metric}: {_target_value(check)} (target {check['target']})"
+                                    for name, metric, check in missed]
+    lines.append("")
     if results.get("seed"):
         lines += [f"Every stage trained at seed {results['seed']} (the reference runs: seed 0); "
                   "the evaluations use the same prompts at every seed.", ""]
@@ -289,8 +299,7 @@ def report_markdown(results: dict, out: Path) -> str:
         if result["targets"]:
             lines += ["", "| metric | value | target | met |", "|---|---|---|---|"]
             for metric, check in result["targets"].items():
-                value = "—" if check["value"] is None else f"{check['value']:.4f}"
-                lines.append(f"| {metric} | {value} | {check['target']} | {'yes' if check['met'] else 'no'} |")
+                lines.append(f"| {metric} | {_target_value(check)} | {check['target']} | {'yes' if check['met'] else 'no'} |")
         else:
             lines += ["", "No targets of its own."]
         also = [f"{key} {_figure(result['metrics'][key])}" for key in ALSO_MEASURED.get(name, ())
@@ -327,6 +336,10 @@ def _latent_against_pixel_markdown(comparison: dict) -> list[str]:
         lines.append(f"Fid, pixel over latent: {comparison['fid_pixel_over_latent']:.2f} (above 1: the latent "
                      "model's images are nearer the data's).")
     return lines + [""]
+
+
+def _target_value(check: dict) -> str:
+    return "—" if check["value"] is None else f"{check['value']:.4f}"
 
 
 def _figure(value) -> str:

@@ -220,6 +220,27 @@ def test_the_report_shows_each_stage_figures_beside_its_targets(tmp_path):
     assert "time budget" not in sections["ldm"]
 
 
+def test_the_report_opens_with_the_wall_clock_and_the_targets_missed(tmp_path):
+    from minildm.course import report_markdown
+
+    def stage(**targets):
+        return {"wall_time_s": 100.0, "builds_on": {}, "metrics": {},
+                "targets": {k: {"value": v, "target": b, "met": m} for k, (v, b, m) in targets.items()}}
+
+    results = {"profile": "cpu", "wall_time_s": 300.0, "targets_met": [2, 3],
+               "lanes": {"lanes": 2, "cores": 2, "elapsed_s": 180.0},
+               "stages": {"ae": stage(psnr=(31.0, ">= 30.0", True)),
+                          "add": stage(alignment_ratio_1step=(0.84, ">= 0.9", False), speedup_1step=(38.0, ">= 25.0", True))}}
+    opening = report_markdown(results, tmp_path).split("## ")[0]
+    assert "**3.0 minutes** of wall clock (180 s)" in opening and "add up to more: 300 s" in opening
+    assert "Targets met: **2 of 3**." in opening
+    assert "- add · alignment_ratio_1step: 0.8400 (target >= 0.9)" in opening
+    assert "psnr" not in opening and "speedup" not in opening, "only the missed targets are listed"
+    one_lane = report_markdown({**{k: v for k, v in results.items() if k != "lanes"}, "targets_met": [3, 3],
+                                "stages": {"ae": stage(psnr=(31.0, ">= 30.0", True))}}, tmp_path).split("## ")[0]
+    assert "**5.0 minutes**: 1 stage one after another" in one_lane and "Missed" not in one_lane
+
+
 def test_latent_against_pixel_takes_the_ldm_at_no_more_training_seconds(tmp_path):
     from minildm.course import latent_against_pixel
 
