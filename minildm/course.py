@@ -154,6 +154,7 @@ def run_course(profile: Profile, out: Path, progress: bool = True, log=print, la
     results["latent_against_pixel"] = latent_against_pixel(out)
     (out / "metrics.json").write_text(json.dumps(results, indent=2))
     (out / "report.md").write_text(report_markdown(results, out))
+    log("\n".join(line.replace("**", "") for line in course_summary(results)).rstrip())
     return out / "report.md"
 
 
@@ -258,30 +259,38 @@ def _evaluate_only(name: str, profile: Profile, out: Path) -> dict:
             "targets": check_targets(metrics, getattr(stage, "TARGETS", {}))}
 
 
-def report_markdown(results: dict, out: Path) -> str:
+def course_summary(results: dict) -> list[str]:
+    """The lines a teacher reads first (Markdown): the course's wall clock, and the targets met and
+    missed, each missed one with its value and bound (not on the smoke profile, whose few steps are
+    not meant to meet them). They open ``report.md``, and the course prints them when it ends."""
     met, total = results["targets_met"]
     stages, summed = len(results["stages"]), results["wall_time_s"]
-    lines = [f"# minildm course report — profile `{results['profile']}`", ""]
+    lines = []
     if "lanes" in results:
         lanes = results["lanes"]
         lines += [f"The course took **{lanes['elapsed_s'] / 60:.1f} minutes** of wall clock ({lanes['elapsed_s']:.0f} s), "
-                  f"run on {lanes['lanes']} lanes sharing {lanes['cores']} cores. Each stage's time below was "
-                  f"measured while it shared the cores, so the {stages} stages' times add up to more: {summed:.0f} s.", ""]
+                  f"run on {lanes['lanes']} lanes sharing {lanes['cores']} cores. Each stage's own time was "
+                  f"measured while it shared the cores; the {stages} stages' times sum to {summed:.0f} s.", ""]
     else:
         lines += [f"The course took **{summed / 60:.1f} minutes**: {stages} stage{'s' * (stages != 1)} one after "
                   f"another, {summed:.0f} s.", ""]
     lines += [f"Targets met: **{met} of {total}**."]
     missed = [(name, metric, check) for name, result in results["stages"].items()
               for metric, check in result["targets"].items() if not check["met"]]
-    if missed:
+    if results["profile"] == "smoke":
+        lines += ["", "(smoke profile: a few steps to prove the code runs; the targets are for the cpu profile)"]
+    elif missed:
         lines += ["", "Missed:"] + [f"- {name} · {metric}: {_target_value(check)} (target {check['target']})"
                                     for name, metric, check in missed]
     lines.append("")
+    return lines
+
+
+def report_markdown(results: dict, out: Path) -> str:
+    lines = [f"# minildm course report — profile `{results['profile']}`", "", *course_summary(results)]
     if results.get("seed"):
         lines += [f"Every stage trained at seed {results['seed']} (the reference runs: seed 0); "
                   "the evaluations use the same prompts at every seed.", ""]
-    if results["profile"] == "smoke":
-        lines += ["(smoke profile: a few steps to prove the code runs; the targets are for the cpu profile)", ""]
     for name, result in results["stages"].items():
         lines += [f"## {name}", ""]
         if "steps" in result:

@@ -163,6 +163,8 @@ def test_course_runs_the_built_stages_and_writes_a_report(tmp_path, capsys):
     report = json.loads((tmp_path / "metrics.json").read_text())
     assert list(report["stages"]) == stages
     assert report["profile"] == "smoke" and report["targets_met"][1] >= 8
+    met, total = report["targets_met"]
+    assert f"Targets met: {met} of {total}." in printed, "the course ends by printing its report's summary"
     assert "follow_b_early" in report["stages"]["experts"]["targets"] and "placement" in report["stages"]["paint"]["targets"]
     # trained from scratch: each stage on the course's own earlier runs
     ae_card = json.loads((tmp_path / "ae" / "card.json").read_text())

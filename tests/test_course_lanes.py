@@ -232,13 +232,15 @@ def test_the_report_opens_with_the_wall_clock_and_the_targets_missed(tmp_path):
                "stages": {"ae": stage(psnr=(31.0, ">= 30.0", True)),
                           "add": stage(alignment_ratio_1step=(0.84, ">= 0.9", False), speedup_1step=(38.0, ">= 25.0", True))}}
     opening = report_markdown(results, tmp_path).split("## ")[0]
-    assert "**3.0 minutes** of wall clock (180 s)" in opening and "add up to more: 300 s" in opening
+    assert "**3.0 minutes** of wall clock (180 s)" in opening and "stages' times sum to 300 s" in opening
     assert "Targets met: **2 of 3**." in opening
     assert "- add · alignment_ratio_1step: 0.8400 (target >= 0.9)" in opening
     assert "psnr" not in opening and "speedup" not in opening, "only the missed targets are listed"
     one_lane = report_markdown({**{k: v for k, v in results.items() if k != "lanes"}, "targets_met": [3, 3],
                                 "stages": {"ae": stage(psnr=(31.0, ">= 30.0", True))}}, tmp_path).split("## ")[0]
     assert "**5.0 minutes**: 1 stage one after another" in one_lane and "Missed" not in one_lane
+    smoke = report_markdown({**results, "profile": "smoke"}, tmp_path).split("## ")[0]
+    assert "Targets met: **2 of 3**." in smoke and "Missed" not in smoke and "the targets are for the cpu profile" in smoke
 
 
 def test_latent_against_pixel_takes_the_ldm_at_no_more_training_seconds(tmp_path):
