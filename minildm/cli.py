@@ -132,6 +132,9 @@ def cmd_sample(args) -> int:
     pipeline, card = sampling_pipeline(args.model)
     student = card["stage"] == "add"  # the ADD student: 1 step, no guidance, unless told otherwise
     args.steps = args.steps if args.steps is not None else (1 if student else 50)
+    if args.steps > pipeline.schedule.steps:
+        raise UserError(f"--steps {args.steps}: a sampler takes at most {pipeline.schedule.steps} steps, "
+                        "one per timestep of the noise schedule")
     if args.guidance is None:
         args.guidance = 1.0 if student else PAINT_GUIDANCE if paint else 3.0
     images = pipeline([args.prompt] * args.n, steps=args.steps, guidance=args.guidance, seed=args.seed,
@@ -214,6 +217,18 @@ def positive_int(text: str) -> int:
     return value
 
 
+def seed(text: str) -> int:
+    """argparse type: a seed, a whole number from 0 to 2**32 - 1 (numpy's generators refuse
+    negative seeds, and the evaluations draw their scenes from numpy)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from 0 to {2**32 - 1}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="minildm", description="minildm: latent diffusion, eDiff-I and ADD, built from scratch.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
@@ -243,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("stage", help=f"one of: {' '.join(EVAL_STAGES)}")
     evaluate.add_argument("--model", default=None, help="run directory or checkpoint (default: the reference)")
     evaluate.add_argument("--n", type=int, default=None, help="number of evaluation images (default: the profile's)")
-    evaluate.add_argument("--seed", type=int, default=EVAL_SEED,
+    evaluate.add_argument("--seed", type=seed, default=EVAL_SEED,
                           help="seed of the evaluation's random draws: sampling noise and rendered scenes (the "
                                "diffusion stages' prompts stay the fixed evaluation set; default: %(default)s, "
                                "the seed of every card and the claims table); another seed shows how much a "
@@ -269,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "canvas on <bos>), bos+eos (+ <eos> on the regions), full (+ phrases pushed down "
                              "outside their regions), full+carry (+ the words between two painted phrases painted "
                              f"as the phrase before them); default {DEFAULT_RECIPE} (see notebook 05)")
-    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--seed", type=seed, default=0)
     sample.add_argument("--n", type=int, default=1, help="images side by side (default 1)")
     sample.add_argument("--upscale", type=int, default=8, help="nearest-neighbour enlargement of the PNG (default 8)")
     sample.add_argument("--out", required=True, help="a .png file")
@@ -293,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     course.add_argument("--lanes", type=positive_int, default=None,
                         help="run up to this many independent jobs side by side, sharing the cores "
                              "(default: 2 where torch has 2 or more threads, else 1)")
-    course.add_argument("--seed", type=int, default=0,
+    course.add_argument("--seed", type=seed, default=0,
                         help="every stage's training seed (default 0, the reference runs' draw): another seed "
                              "is another draw of the whole course, measured on the same prompts")
     course.add_argument("--quiet", action="store_true")

@@ -197,6 +197,20 @@ class TrainConfig:
     # length of time rather than an amount of work: the pixel baseline's "as long as the LDM".
     max_train_seconds: float | None = None
 
+    def __post_init__(self):
+        """Refuse values no run can train with (``--set ldm_train.batch_size=0``) before anything is
+        written, rather than failing at the first step."""
+        wrong = [f"{name} must be at least 1" for name in ("steps", "batch_size", "checkpoint_every", "accumulate")
+                 if getattr(self, name) < 1]
+        wrong += ["warmup_steps must be at least 0"] if self.warmup_steps < 0 else []
+        wrong += [f"seed must be from 0 to {2**32 - 1}"] if not 0 <= self.seed < 2**32 else []
+        wrong += ["lr must be above 0"] if self.lr <= 0 else []
+        wrong += ["ema_decay must be at least 0 and below 1"] if not 0 <= self.ema_decay < 1 else []
+        wrong += (["max_train_seconds must be above 0 (or null: no cap)"]
+                  if self.max_train_seconds is not None and self.max_train_seconds <= 0 else [])
+        if wrong:
+            raise ValueError("; ".join(wrong))
+
 
 @dataclass(frozen=True)
 class Profile:
@@ -402,46 +416,116 @@ def with_overrides(profile: Profile, assignments: list[str]) -> Profile:
     ``VALUE`` is read as JSON when it parses (numbers, lists, true/false), else as a string:
     ``ae.disc_start=1000000`` turns the autoencoder's GAN off, ``ae.channel_mult=[1,2]`` makes f = 2,
     ``ldm.unet.model_channels=96`` reaches into a nested config, and ``extras.KEY=VALUE`` sets one of
-    the profile's extras (``extras.multi_embedding_steps=900``).
+    the profile's extras (``extras.multi_embedding_steps=900``). A value of the wrong type
+    (``ldm_train.steps=abc``) or one the config refuses (``ldm_train.batch_size=0``) is a
+    :class:`~minildm.errors.UserError` naming the field and what it takes, before anything runs.
     """
+    import typing
+
     from minildm.errors import UserError
 
-    def replace(config, path: list[str], value, assignment: str, where: str):
+    def replace(config, path: list[str], raw: str, assignment: str, where: str):
         names = [f.name for f in dataclasses.fields(config)]
         if path[0] not in names:
             raise UserError(f"--set {assignment}: {where} has no field {path[0]!r}; fields: {', '.join(names)}")
+        present = getattr(config, path[0])
         if len(path) > 1:
-            inner = getattr(config, path[0])
-            if not dataclasses.is_dataclass(inner):
+            if not dataclasses.is_dataclass(present):
                 raise UserError(f"--set {assignment}: {where}.{path[0]} has no fields")
-            value = replace(inner, path[1:], value, assignment, f"{where}.{path[0]}")
-        return dataclasses.replace(config, **{path[0]: value})
+            value = replace(present, path[1:], raw, assignment, f"{where}.{path[0]}")
+        elif dataclasses.is_dataclass(present):
+            raise UserError(f"--set {assignment}: {where}.{path[0]} is a section; set one of its fields: "
+                            f"{', '.join(f.name for f in dataclasses.fields(present))}")
+        else:
+            hint = typing.get_type_hints(type(config))[path[0]]  # resolves `from __future__` annotations
+            value = _typed_value(raw, hint, present, assignment, f"{where}.{path[0]}")
+        try:
+            return dataclasses.replace(config, **{path[0]: value})
+        except ValueError as refused:  # a TrainConfig value no run can train with
+            raise UserError(f"--set {assignment}: {refused}") from None
 
     for assignment in assignments:
         key, sep, raw = assignment.partition("=")
         section_name, _, field_path = key.partition(".")
         if sep and section_name == "extras":
-            known = set().union(*(make().extras for make in (_smoke, _cpu, _gpu)))
-            if field_path not in known:
+            examples = {k: v for make in (_smoke, _cpu, _gpu) for k, v in make().extras.items()}
+            if field_path not in examples:
                 raise UserError(f"--set {assignment}: no profile has an extra {field_path!r}; "
-                                f"extras: {', '.join(sorted(known))}")
-            profile = dataclasses.replace(profile, extras={**profile.extras, field_path: _parse_value(raw)})
+                                f"extras: {', '.join(sorted(examples))}")
+            value = _typed_value(raw, type(examples[field_path]), examples[field_path], assignment, key)
+            profile = dataclasses.replace(profile, extras={**profile.extras, field_path: value})
             continue
         sections = [f.name for f in dataclasses.fields(profile) if dataclasses.is_dataclass(getattr(profile, f.name))]
         if not sep or section_name not in sections or not field_path:
             raise UserError(f"--set {assignment}: expected SECTION.FIELD=VALUE with SECTION one of: {', '.join(sections)}")
-        section = replace(getattr(profile, section_name), field_path.split("."), _parse_value(raw), assignment,
-                          section_name)
+        section = replace(getattr(profile, section_name), field_path.split("."), raw, assignment, section_name)
         profile = dataclasses.replace(profile, **{section_name: section})
     return profile
 
 
-def _parse_value(raw: str):
-    """A ``--set`` value: JSON when it parses (a list becomes a tuple), else the string itself."""
+def _typed_value(raw: str, hint, present, assignment: str, name: str):
+    """A ``--set`` value for a field annotated ``hint``: JSON when it parses (a list becomes a
+    tuple), the text as typed for a text field; a value of another type is a UserError that
+    shows the field's present value as an example."""
     import json
+
+    from minildm.errors import UserError
 
     try:
         value = json.loads(raw)
     except json.JSONDecodeError:
-        return raw
-    return tuple(value) if isinstance(value, list) else value
+        value = raw
+    if isinstance(value, list):
+        value = tuple(value)
+    if str in _members(hint) and not _fits(value, hint):
+        value = raw  # a text field given something JSON reads as a number: the text as typed
+    if not _fits(value, hint):
+        raise UserError(f"--set {assignment}: {name} takes {_type_words(hint)}, like its present value "
+                        f"{json.dumps(present)}")
+    return float(value) if float in _members(hint) and type(value) is int else value  # lr=1 → 1.0
+
+
+def _members(hint) -> tuple:
+    """The types an annotation admits: ``(int, NoneType)`` for ``int | None``, ``(int,)`` for ``int``."""
+    import types
+    import typing
+
+    union = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+    return typing.get_args(hint) if union else (hint,)
+
+
+def _fits(value, hint) -> bool:
+    """Whether ``value`` (as JSON reads it, lists made tuples) is a value of the annotation ``hint``."""
+    import typing
+
+    for member in _members(hint):
+        origin, args = typing.get_origin(member), typing.get_args(member)
+        if isinstance(value, bool):  # JSON's true/false: a bool, never a number
+            if member is bool:
+                return True
+        elif member is type(None) and value is None or member is int and isinstance(value, int):
+            return True
+        elif member is float and isinstance(value, (int, float)) or member in (str, dict) and isinstance(value, member):
+            return True
+        elif origin is tuple and isinstance(value, tuple):
+            if len(args) == 2 and args[1] is Ellipsis:
+                return all(_fits(v, args[0]) for v in value)
+            return len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args))
+    return False
+
+
+def _type_words(hint) -> str:
+    """An annotation in words: ``int | None`` → "a whole number or null"."""
+    import typing
+
+    words = []
+    for member in _members(hint):
+        origin, args = typing.get_origin(member), typing.get_args(member)
+        if origin is tuple:
+            items = _type_words(args[0]).removeprefix("a ") + "s"
+            words.append(f"a list of {items}" if len(args) == 2 and args[1] is Ellipsis
+                         else f"a list of {len(args)} {items}")
+        else:
+            words.append({int: "a whole number", float: "a number", bool: "true or false", str: "text",
+                          dict: "a JSON object", type(None): "null"}.get(member, str(member)))
+    return " or ".join(words)

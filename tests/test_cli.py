@@ -86,6 +86,24 @@ def test_sample_mistakes_are_one_line(tmp_path):
                                                "--out", str(tmp_path / "x.png")))
 
 
+def test_seeds_and_step_counts_out_of_range_are_one_line(tmp_path):
+    """A negative seed used to fail inside numpy (a traceback, after a course had started its first
+    job); 1000 DDIM steps asked for t = 1000 and 1001 for a step the schedule does not have."""
+    out = tmp_path / "course"
+    line = one_line_error(run_cli("course", "--profile", "smoke", "--seed", "-1", "--out", str(out)))
+    assert "argument --seed: '-1' is not a whole number from 0 to 4294967295" in line
+    assert not out.exists(), "nothing is written before the mistake is found"
+    assert "--seed" in one_line_error(run_cli("eval", "judge", "--seed", "x", "--json"))
+    png = tmp_path / "x.png"
+    assert "at most 1000 steps" in one_line_error(run_cli("sample", "--prompt", "a red circle", "--steps", "1001",
+                                                          "--out", str(png)))
+    assert not png.exists()
+    run = tmp_path / "run"
+    line = one_line_error(run_cli("train", "judge", "--profile", "smoke", "--set", "judge_train.steps=abc",
+                                  "--out", str(run)))
+    assert "--set judge_train.steps=abc: judge_train.steps takes a whole number" in line and not run.exists()
+
+
 def test_bench_times_the_two_sides_of_a_ratio_in_alternating_rounds():
     from minildm.bench import alternating_median_times
 

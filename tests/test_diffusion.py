@@ -40,6 +40,16 @@ def test_timesteps_match_diffusers(spacing, offset, steps):
     assert sampling_timesteps(1000, 50, "trailing")[:2] == [999, 979]
 
 
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+@pytest.mark.parametrize("steps", [1, 2, 333, 500, 501, 999, 1000])
+def test_every_step_count_visits_distinct_timesteps_of_the_schedule(spacing, steps):
+    timesteps = sampling_timesteps(1000, steps, spacing)
+    assert len(timesteps) == steps and all(a > b for a, b in zip(timesteps, timesteps[1:]))
+    assert 0 <= timesteps[-1] and timesteps[0] <= 999, "every sampled t is one the model was trained on"
+    if steps == 1000:
+        assert timesteps == list(range(999, -1, -1))
+
+
 @pytest.mark.parametrize("zero_terminal_snr", [False, True])
 def test_karras_spacing_follows_edm_sigmas(zero_terminal_snr):
     schedule = NoiseSchedule(zero_terminal_snr=zero_terminal_snr)
