@@ -70,6 +70,26 @@ def test_bad_data_specs_are_one_clear_line(tmp_path):
         load_image_dataset(str(tmp_path / "a.png"), 32)
 
 
+def test_a_broken_folder_is_one_clear_line_before_training(tmp_path):
+    """Each of these used to train until the step that first drew the file, then stop with a
+    traceback from pyarrow or PIL."""
+    from PIL import Image
+
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "good.png")
+    metadata = tmp_path / "metadata.jsonl"
+    metadata.write_text('{"file_name": "good.png", "text": "a red circle"}\nnot json\n')
+    with pytest.raises(UserError, match="could not read it as images with captions .*one JSON object per line"):
+        load_image_dataset(str(tmp_path), 32)
+    metadata.write_text('{"file_name": "good.png", "text": "a red circle"}\n{"file_name": "gone.png", "text": "x"}\n')
+    with pytest.raises(UserError, match="cannot read the image gone.png .*No such file"):
+        load_image_dataset(str(tmp_path), 32)
+    (tmp_path / "gone.png").write_text("not a picture")
+    with pytest.raises(UserError, match="cannot read the image gone.png"):
+        load_image_dataset(str(tmp_path), 32)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "gone.png")
+    assert len(load_image_dataset(str(tmp_path), 32)) == 2, "once the file is an image, the folder loads"
+
+
 def test_hub_offline_is_one_clear_line(monkeypatch):
     # conftest sets HF_HUB_OFFLINE=1; the hub path exists and fails with one line
     with pytest.raises(UserError) as info:

@@ -168,16 +168,47 @@ def load_image_dataset(spec: str, image_size: int, n: int = 10_000, seed: int = 
         raise UserError(f"--data {spec}: no such folder; --data accepts {DATA_SPEC_HELP}")
     if not path.is_dir():
         raise UserError(f"--data {spec}: not a folder; --data accepts {DATA_SPEC_HELP}")
+    example = json.dumps({"file_name": "0001.png", "text": "a red circle"})
     if (path / "state.json").exists() or (path / "dataset_dict.json").exists():
         ds = datasets.load_from_disk(str(path))
         if isinstance(ds, datasets.DatasetDict):
             ds = ds["train"] if "train" in ds else next(iter(ds.values()))
-        return ImageCaptionDataset(ds, image_size, spec)
-    if not any(path.rglob("metadata.jsonl")) and not any(path.rglob("metadata.csv")):
-        raise UserError(f"--data {spec}: no metadata.jsonl with captions in this folder; "
-                        f"write one line per image: {json.dumps({'file_name': '0001.png', 'text': 'a red circle'})}")
-    ds = datasets.load_dataset("imagefolder", data_dir=str(path), split="train")
-    return ImageCaptionDataset(ds, image_size, spec)
+    else:
+        if not any(path.rglob("metadata.jsonl")) and not any(path.rglob("metadata.csv")):
+            raise UserError(f"--data {spec}: no metadata.jsonl with captions in this folder; "
+                            f"write one line per image: {example}")
+        try:
+            ds = datasets.load_dataset("imagefolder", data_dir=str(path), split="train")
+        except Exception as error:  # noqa: BLE001 - a folder datasets cannot read is the learner's to fix
+            raise UserError(f"--data {spec}: could not read it as images with captions ({_first_line(error)}); "
+                            f"metadata.jsonl needs one JSON object per line, like {example}") from None
+    dataset = ImageCaptionDataset(ds, image_size, spec)
+    _check_images(ds, spec)
+    return dataset
+
+
+def _check_images(ds, spec: str) -> None:
+    """Open every image of a learner's own dataset once, before training, so that a missing or
+    broken file is one clear line now rather than a traceback at the step that first draws it."""
+    import io
+
+    import datasets
+    from PIL import Image
+
+    for row in ds.cast_column("image", datasets.Image(decode=False))["image"]:
+        name = row.get("path") or "an image stored in the dataset"
+        try:
+            with Image.open(io.BytesIO(row["bytes"]) if row.get("bytes") else row["path"]) as image:
+                image.verify()
+        except Exception as error:  # noqa: BLE001 - PIL raises several kinds for a file it cannot read
+            raise UserError(f"--data {spec}: cannot read the image {Path(name).name} ({_first_line(error)}); "
+                            "every file_name in metadata.jsonl must be an image in the folder") from None
+
+
+def _first_line(error: Exception) -> str:
+    """An exception's message, its first line and at most 200 characters."""
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:200]
 
 
 def _load_hub(hub_id: str):
@@ -187,6 +218,5 @@ def _load_hub(hub_id: str):
     try:
         return datasets.load_dataset(hub_id, split="train")
     except Exception as error:  # noqa: BLE001 - any failure to fetch becomes one clear line
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"--data hub:{hub_id}: could not load it from the Hugging Face hub "
-                        f"(offline, or no such dataset?): {first_line[:200]}") from None
+                        f"(offline, or no such dataset?): {_first_line(error)}") from None
