@@ -183,11 +183,12 @@ def cmd_results(args) -> int:
     if args.n is not None and args.n < 6:
         raise UserError(f"--n {args.n}: the diffusion evaluations need at least 6 images (one per category)")
     profile = get_profile(args.profile)
+    if args.save:  # before the measuring (minutes), not after it
+        writable_dir(str(Path(args.save).resolve().parent), "--save")
     n = args.n if args.n is not None else results.table_n(profile)
     figures = results.measure(profile, n, log=lambda line: print(line, file=sys.stderr, flush=True))
     rows = results.claims_table(figures)
     if args.save:
-        writable_dir(str(Path(args.save).resolve().parent))
         atomic_write_file(Path(args.save), lambda path: save_json(
             path, {"profile": profile.name, "n": n, "rows": rows, "figures": figures}))
     print(json.dumps(rows) if args.json else results.markdown(rows))

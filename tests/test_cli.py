@@ -104,6 +104,17 @@ def test_seeds_and_step_counts_out_of_range_are_one_line(tmp_path):
     assert "--set judge_train.steps=abc: judge_train.steps takes a whole number" in line and not run.exists()
 
 
+def test_an_unwritable_save_is_refused_before_the_claims_are_measured(tmp_path, monkeypatch, capsys):
+    from minildm import results
+
+    monkeypatch.setattr(results, "measure", lambda *a, **k: pytest.fail("measured before checking --save"))
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["results", "--profile", "smoke", "--save", str(blocker / "claims.json")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("minildm: error: --save ") and "cannot write there" in error
+
+
 def test_bench_times_the_two_sides_of_a_ratio_in_alternating_rounds():
     from minildm.bench import alternating_median_times
 
