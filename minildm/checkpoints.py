@@ -134,6 +134,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if missing and (folder / "checkpoint").is_dir():
         raise UserError(f"the run in {given} has not finished: no {' or '.join(missing)} yet; "
                         f"continue it with --resume, or pass {folder / 'checkpoint'}")
+    runs_inside = sorted(sub.name for sub in folder.iterdir() if (sub / CARD).is_file()) if missing else []
+    if runs_inside:  # a course's folder, say: its runs are one level down
+        raise UserError(f"no checkpoint at {given}: it holds the runs {', '.join(runs_inside)}; "
+                        f"pass one of them, e.g. {folder / ('ldm' if 'ldm' in runs_inside else runs_inside[0])}")
     if missing:
         raise UserError(f"no checkpoint at {given}: {' and '.join(missing)} missing; expected a run "
                         f"directory or a folder holding {WEIGHTS} and {CARD}")

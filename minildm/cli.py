@@ -30,6 +30,7 @@ from minildm.errors import UserError
 from minildm.paint_recipe import DEFAULT_RECIPE, PAINT_GUIDANCE, RECIPES
 from minildm.stages import BASED_STAGES, EVAL_STAGES, TRAIN_STAGES, UPSTREAM
 
+MAX_UPSCALE = 32  # sample --upscale: a 32-pixel image becomes at most 1024 pixels wide
 DEFAULT_PAINT_WEIGHT = 0.5  # the reference LDM's best w' with the full+carry recipe (minildm eval paint)
 
 
@@ -125,6 +126,9 @@ def cmd_sample(args) -> int:
 
     if args.steps is not None and args.steps < 1 or args.n < 1 or args.upscale < 1:
         raise UserError("--steps, --n and --upscale must be positive")
+    if args.upscale > MAX_UPSCALE:  # --upscale 1000 would build a 12 GB picture of a 32-pixel image
+        raise UserError(f"--upscale {args.upscale}: at most {MAX_UPSCALE} (each pixel drawn as a "
+                        f"{MAX_UPSCALE}×{MAX_UPSCALE} square)")
     if not args.out.lower().endswith(".png"):
         raise UserError(f"--out {args.out}: give a .png file name")
     writable_dir(str(Path(args.out).resolve().parent))
@@ -140,8 +144,8 @@ def cmd_sample(args) -> int:
     images = pipeline([args.prompt] * args.n, steps=args.steps, guidance=args.guidance, seed=args.seed,
                       paint=paint, paint_weight=args.paint_weight, paint_recipe=args.paint_recipe)
     pictures = to_numpy(images)  # (n, H, W, 3) in [0, 1]
-    strip = np.concatenate(list(pictures), axis=1).repeat(args.upscale, 0).repeat(args.upscale, 1)
-    png = Image.fromarray((strip * 255).round().astype(np.uint8))
+    strip = (np.concatenate(list(pictures), axis=1) * 255).round().astype(np.uint8)
+    png = Image.fromarray(strip.repeat(args.upscale, 0).repeat(args.upscale, 1))
     atomic_write_file(args.out, lambda path: png.save(path, format="PNG"))
     sampler = "ADD" if student else "DDIM"
     print(f"{args.n} image(s) of {args.prompt!r} from the {card['stage']} model, {args.steps} {sampler} steps, "
@@ -287,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
                              f"as the phrase before them); default {DEFAULT_RECIPE} (see notebook 05)")
     sample.add_argument("--seed", type=seed, default=0)
     sample.add_argument("--n", type=int, default=1, help="images side by side (default 1)")
-    sample.add_argument("--upscale", type=int, default=8, help="nearest-neighbour enlargement of the PNG (default 8)")
+    sample.add_argument("--upscale", type=int, default=8, help=f"nearest-neighbour enlargement of the PNG (default 8, at most {MAX_UPSCALE})")
     sample.add_argument("--out", required=True, help="a .png file")
     sample.set_defaults(run=cmd_sample)
 

@@ -93,6 +93,15 @@ def test_missing_checkpoint_is_one_clear_line(tmp_path):
     assert "\n" not in str(error.value)
 
 
+def test_a_folder_of_runs_names_them(tmp_path):
+    """``--model runs/course`` (the course's folder, not one of its runs) names the runs inside."""
+    for stage in ("ae", "ldm"):
+        save_checkpoint(tmp_path / "course" / stage, {"w": torch.ones(1)}, {"stage": stage})
+    with pytest.raises(UserError, match="it holds the runs ae, ldm; pass one of them, e.g. .*course/ldm$"):
+        resolve_checkpoint(tmp_path / "course")
+    assert resolve_checkpoint(tmp_path / "course" / "ldm") == tmp_path / "course" / "ldm"
+
+
 def test_unfinished_run_points_to_resume(tmp_path):
     save_checkpoint(tmp_path / "run" / "checkpoint", {"w": torch.ones(1)}, {})
     with pytest.raises(UserError, match="--resume"):

@@ -98,6 +98,8 @@ def test_seeds_and_step_counts_out_of_range_are_one_line(tmp_path):
     assert "at most 1000 steps" in one_line_error(run_cli("sample", "--prompt", "a red circle", "--steps", "1001",
                                                           "--out", str(png)))
     assert not png.exists()
+    assert "--upscale 1000: at most 32" in one_line_error(run_cli("sample", "--prompt", "a red circle", "--upscale",
+                                                                  "1000", "--out", str(png)))
     run = tmp_path / "run"
     line = one_line_error(run_cli("train", "judge", "--profile", "smoke", "--set", "judge_train.steps=abc",
                                   "--out", str(run)))
