@@ -9,7 +9,7 @@
     minildm eval STAGE --model RUN_OR_CKPT [--n N] [--seed N] --json
     minildm bench [--json]
     minildm results [--n N] [--json] [--save FILE.json]   (the papers' claims, measured now)
-    minildm course --profile P --out DIR [--seed N]
+    minildm course --profile P --out DIR [--lanes N] [--seed N] [--set SECTION.FIELD=VALUE ...]
 
 A mistake of the user's (unknown stage, missing checkpoint, bad --data, unwritable --out, …)
 prints one line ``minildm: error: …`` and exits with status 2 — never a traceback.
@@ -200,11 +200,11 @@ def cmd_results(args) -> int:
 
 
 def cmd_course(args) -> int:
-    from minildm.config import get_profile
+    from minildm.config import get_profile, with_overrides
     from minildm.course import run_course
     from minildm.course_lanes import default_lanes
 
-    profile = get_profile(args.profile)
+    profile = with_overrides(get_profile(args.profile), args.set)
     out = writable_dir(args.out)
     report = run_course(profile, out, progress=not args.quiet, lanes=args.lanes or default_lanes(), seed=args.seed)
     print(f"course report: {report}")
@@ -316,6 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
     course.add_argument("--seed", type=seed, default=0,
                         help="every stage's training seed (default 0, the reference runs' draw): another seed "
                              "is another draw of the whole course, measured on the same prompts")
+    course.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override one value of the profile for the whole course, as train's --set does, "
+                             "e.g. extras.multi_embedding_steps=900 (repeatable); the report names them, and "
+                             "the targets stay the profile's")
     course.add_argument("--quiet", action="store_true")
     course.set_defaults(run=cmd_course)
     return parser

@@ -232,6 +232,9 @@ class Profile:
     train_eval_n: int  # renders scored at the end of `minildm train` for the card
     extras: dict = field(default_factory=dict)
     add: AddConfig = field(default_factory=AddConfig)
+    # The ``--set`` assignments that changed this profile from the named one (:func:`with_overrides`):
+    # what a course's job needs to rebuild it in a process of its own, and its cards' command names.
+    overrides: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -460,7 +463,7 @@ def with_overrides(profile: Profile, assignments: list[str]) -> Profile:
             raise UserError(f"--set {assignment}: expected SECTION.FIELD=VALUE with SECTION one of: {', '.join(sections)}")
         section = replace(getattr(profile, section_name), field_path.split("."), raw, assignment, section_name)
         profile = dataclasses.replace(profile, **{section_name: section})
-    return profile
+    return dataclasses.replace(profile, overrides=profile.overrides + tuple(assignments))
 
 
 def _typed_value(raw: str, hint, present, assignment: str, name: str):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 import time
 from pathlib import Path
 
@@ -82,19 +83,27 @@ def check_targets(metrics: dict, targets: dict) -> dict:
 
 
 def course_command(profile: Profile) -> str:
-    """The command line a card of the course records (its seed: the profile's training seed)."""
+    """The command line a card of the course records (its seed: the profile's training seed; its
+    ``--set`` assignments: the profile's ``overrides``)."""
     seed = profile.ldm_train.seed
-    return f"minildm course --profile {profile.name}" + (f" --seed {seed}" if seed else "")
+    return (f"minildm course --profile {profile.name}" + (f" --seed {seed}" if seed else "")
+            + "".join(f" --set {shlex.quote(assignment)}" for assignment in profile.overrides))
 
 
-def _same_settings_as_before(out: Path, profile: str, seed: int) -> None:
-    """A course directory holds one course: resuming it with another profile or seed would mix two."""
-    settings, wanted = out / "settings.json", {"profile": profile, "seed": seed}
+def _same_settings_as_before(out: Path, profile: Profile, seed: int) -> None:
+    """A course directory holds one course: resuming it with another profile, seed or ``--set``
+    would mix two."""
+    def flags(settings: dict) -> str:
+        return (f"--profile {settings['profile']} --seed {settings['seed']}"
+                + "".join(f" --set {shlex.quote(assignment)}" for assignment in settings.get("set", [])))
+
+    wanted = {"profile": profile.name, "seed": seed, **({"set": list(profile.overrides)} if profile.overrides else {})}
+    settings = out / "settings.json"
     if settings.exists():
         before = json.loads(settings.read_text())
         if before != wanted:
-            raise UserError(f"{out} holds a course run with --profile {before['profile']} --seed {before['seed']}; "
-                            f"resume it with those, or give --profile {profile} --seed {seed} a new --out")
+            raise UserError(f"{out} holds a course run with {flags(before)}; resume it with those, "
+                            f"or give {flags(wanted)} a new --out")
     else:
         settings.write_text(json.dumps(wanted) + "\n")
 
@@ -131,12 +140,13 @@ def run_course(profile: Profile, out: Path, progress: bool = True, log=print, la
     the reference runs drew) — another seed is another draw of the course."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _same_settings_as_before(out, profile.name, seed)
+    _same_settings_as_before(out, profile, seed)
     profile = course_profile(profile, seed)
     note = precision_note(profile, machine_device_type())
     if note:
         log(note)
-    results = {"profile": profile.name, "seed": seed, "stages": {}}
+    results = {"profile": profile.name, "seed": seed, **({"set": list(profile.overrides)} if profile.overrides else {}),
+               "stages": {}}
     if lanes > 1:
         from minildm.course_lanes import run_lanes
 
@@ -277,6 +287,9 @@ def course_summary(results: dict) -> list[str]:
     lines += [f"Targets met: **{met} of {total}**."]
     missed = [(name, metric, check) for name, result in results["stages"].items()
               for metric, check in result["targets"].items() if not check["met"]]
+    if results.get("set"):
+        lines += ["", f"Run with --set {' '.join(results['set'])}; the targets were set for the "
+                      f"{results['profile']} profile as it is written, so they may not apply."]
     if results["profile"] == "smoke":
         lines += ["", "(smoke profile: a few steps to prove the code runs; the targets are for the cpu profile)"]
     elif missed:

@@ -45,7 +45,7 @@ import torch
 
 from minildm import prefetch, thread_share
 from minildm.checkpoints import load_json, save_json
-from minildm.config import Profile, get_profile
+from minildm.config import Profile, get_profile, with_overrides
 from minildm.course import DONE, STAGE_OF_PART, course_command, course_profile, run_stage, upstream_runs
 from minildm.errors import UserError
 from minildm.stages import BASED_STAGES, BUILT, TRAIN_STAGES, UPSTREAM
@@ -89,9 +89,11 @@ def run_lanes(profile: Profile, out: Path, lanes: int, log=print) -> dict:
     the profile as the course trains it (:func:`minildm.course.course_profile`) from its name and
     its training seed."""
     seed = profile.ldm_train.seed
-    if course_profile(get_profile(profile.name), seed) != course_profile(profile, seed):
+    rebuilt = with_overrides(get_profile(profile.name), list(profile.overrides))
+    if course_profile(rebuilt, seed) != course_profile(profile, seed):
         raise ValueError(f"--lanes runs each job in a process of its own, which rebuilds profile "
-                         f"{profile.name!r} from its name and seed; this one was changed in memory")
+                         f"{profile.name!r} from its name, seed and --set assignments; this one was changed "
+                         "in memory")
     needs, folder, cores = job_needs(), out / "lanes", torch.get_num_threads()
     folder.mkdir(parents=True, exist_ok=True)
     timeline_file = folder / "timeline.json"
@@ -184,8 +186,10 @@ def _launch(job: str, profile: Profile, out: Path, folder: Path, lanes: int) -> 
     share = folder / f"{_slug(job)}.threads"
     share.unlink(missing_ok=True)  # from an interrupted call; _share_cores writes it before the job's first step
     with open(folder / f"{_slug(job)}.log", "ab") as log_file:
+        settings = [f"--set={assignment}" for assignment in profile.overrides]
         return subprocess.Popen([sys.executable, "-m", "minildm.course_lanes", job, "--profile", profile.name,
-                                 "--out", str(out), "--seed", str(profile.ldm_train.seed)], stdout=log_file, stderr=subprocess.STDOUT,
+                                 "--out", str(out), "--seed", str(profile.ldm_train.seed), *settings],
+                                stdout=log_file, stderr=subprocess.STDOUT,
                                 env={**os.environ, thread_share.ENV: str(share),
                                      prefetch.LANES_ENV: str(1 if job in ALONE else lanes)})
 
@@ -238,9 +242,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", action="append", default=[])
     args = parser.parse_args(argv)
     try:
-        run_job(args.job, course_profile(get_profile(args.profile), args.seed), Path(args.out))
+        profile = with_overrides(get_profile(args.profile), args.set)
+        run_job(args.job, course_profile(profile, args.seed), Path(args.out))
     except UserError as error:
         print(f"minildm: error: {error}", file=sys.stderr)
         return 2

@@ -49,7 +49,8 @@ def test_cores_are_split_evenly_and_a_job_left_alone_gets_them_all(tmp_path):
 
 
 def test_course_on_two_lanes_runs_jobs_side_by_side_and_resumes(tmp_path, capsys):
-    course = ["course", "--profile", "smoke", "--out", str(tmp_path), "--quiet", "--lanes", "2", "--seed", "3"]
+    course = ["course", "--profile", "smoke", "--out", str(tmp_path), "--quiet", "--lanes", "2",
+              "--set", "judge_train.steps=12", "--seed", "3"]
     assert main(course) == 0
     printed = capsys.readouterr().out
     assert str(tmp_path / "report.md") in printed
@@ -82,8 +83,12 @@ def test_course_on_two_lanes_runs_jobs_side_by_side_and_resumes(tmp_path, capsys
     assert report["seed"] == 3 and "seed 3" in (tmp_path / "report.md").read_text()
     for stage in ("judge", "ae", "clip", "ldm", "pixel", "add"):
         card = json.loads((tmp_path / stage / "card.json").read_text())
-        assert card["seed"] == 3 and card["command"].endswith("--seed 3"), stage
+        assert card["seed"] == 3 and card["command"].endswith("--seed 3 --set judge_train.steps=12"), stage
     assert experts_card["seed"] == 3
+    # so did --set: the judge's process trained 12 steps, not the profile's 30, and the report says so
+    assert json.loads((tmp_path / "judge" / "card.json").read_text())["steps"] == 12 != get_profile("smoke").judge_train.steps
+    assert report["set"] == ["judge_train.steps=12"]
+    assert "Run with --set judge_train.steps=12" in (tmp_path / "report.md").read_text()
 
     # interrupted: a second call skips the finished jobs and runs the rest
     (tmp_path / "add" / "course.json").unlink()
@@ -95,11 +100,13 @@ def test_course_on_two_lanes_runs_jobs_side_by_side_and_resumes(tmp_path, capsys
     assert json.loads((tmp_path / "metrics.json").read_text())["lanes"]["elapsed_s"] > elapsed, \
         "the course's clock counts every call"
 
-    # resumed at another seed, the directory would mix two draws: one line, nothing run
+    # resumed at another seed, or without the --set, the directory would mix two courses: one line, nothing run
     (tmp_path / "add" / "course.json").unlink()
-    assert main(course[:-2]) == 2
-    captured = capsys.readouterr()
-    assert "--seed 3" in captured.err and "new --out" in captured.err and "add: started" not in captured.out
+    for other in (course[:-2], course[:-4] + course[-2:]):
+        assert main(other) == 2
+        captured = capsys.readouterr()
+        assert "with --profile smoke --seed 3 --set judge_train.steps=12;" in captured.err and "new --out" in captured.err
+        assert "add: started" not in captured.out
 
 
 def test_a_failing_job_stops_the_course_with_one_line_naming_its_log(tmp_path):
