@@ -206,8 +206,6 @@ class TrainConfig:
         wrong += [f"seed must be from 0 to {2**32 - 1}"] if not 0 <= self.seed < 2**32 else []
         wrong += ["lr must be above 0"] if self.lr <= 0 else []
         wrong += ["ema_decay must be at least 0 and below 1"] if not 0 <= self.ema_decay < 1 else []
-        wrong += (["max_train_seconds must be above 0 (or null: no cap)"]
-                  if self.max_train_seconds is not None and self.max_train_seconds <= 0 else [])
         if wrong:
             raise ValueError("; ".join(wrong))
 

@@ -450,8 +450,6 @@ def _make_accelerator(cfg: TrainConfig, device: str | None) -> Accelerator:
     if cfg.mixed_precision not in MIXED_PRECISIONS:
         raise UserError(f"unknown mixed precision {cfg.mixed_precision!r}; choose one of: "
                         f"{', '.join(MIXED_PRECISIONS)}")
-    if cfg.accumulate < 1:
-        raise UserError(f"accumulate must be a whole number of micro-batches >= 1, not {cfg.accumulate}")
     if device not in (None, "cpu", "cuda"):
         raise UserError(f"unknown device {device!r}; choose cpu or cuda, or leave it out")
     if device == "cuda" and not torch.cuda.is_available():

@@ -14,9 +14,8 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from minildm.config import TrainConfig
+from minildm.config import TrainConfig, get_profile, with_overrides
 from minildm.errors import UserError
-from minildm.train import _make_accelerator
 
 
 def _free_port() -> int:
@@ -50,5 +49,7 @@ def test_two_processes_make_the_one_process_checkpoint(tmp_path):
 
 
 def test_accumulate_must_be_a_positive_count():
-    with pytest.raises(UserError, match="accumulate"):
-        _make_accelerator(TrainConfig(accumulate=0), "cpu")
+    with pytest.raises(ValueError, match="accumulate must be at least 1"):
+        TrainConfig(accumulate=0)
+    with pytest.raises(UserError, match="--set ldm_train.accumulate=0: accumulate must be at least 1"):
+        with_overrides(get_profile("smoke"), ["ldm_train.accumulate=0"])
