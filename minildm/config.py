@@ -170,7 +170,7 @@ class TrainConfig:
     # (a CUDA GPU with bf16, a CPU with AMX tiles, an AMD CPU with AVX-512 BF16), else fp32 |
     # "auto-native": bf16 also on any CPU with AVX-512 BF16 — minildm.precision
     mixed_precision: str = "no"
-    checkpoint_every: int = 500
+    checkpoint_every: int = 500  # 0: a checkpoint at the last step only
     # Where a task measures its progress (``progress_eval``, kept in the card's ``progress``): at every
     # checkpoint (True), or only at the run's last step (False), for a run whose curve nobody reads
     # (the course's pixel baseline: minildm.course.course_profile). Training is the same either way.
@@ -200,9 +200,8 @@ class TrainConfig:
     def __post_init__(self):
         """Refuse values no run can train with (``--set ldm_train.batch_size=0``) before anything is
         written, rather than failing at the first step."""
-        wrong = [f"{name} must be at least 1" for name in ("steps", "batch_size", "checkpoint_every", "accumulate")
-                 if getattr(self, name) < 1]
-        wrong += ["warmup_steps must be at least 0"] if self.warmup_steps < 0 else []
+        wrong = [f"{name} must be at least 1" for name in ("steps", "batch_size", "accumulate") if getattr(self, name) < 1]
+        wrong += [f"{name} must be at least 0" for name in ("warmup_steps", "checkpoint_every") if getattr(self, name) < 0]
         wrong += [f"seed must be from 0 to {2**32 - 1}"] if not 0 <= self.seed < 2**32 else []
         wrong += ["lr must be above 0"] if self.lr <= 0 else []
         wrong += ["ema_decay must be at least 0 and below 1"] if not 0 <= self.ema_decay < 1 else []
