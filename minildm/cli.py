@@ -291,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
                              f"as the phrase before them); default {DEFAULT_RECIPE} (see notebook 05)")
     sample.add_argument("--seed", type=seed, default=0)
     sample.add_argument("--n", type=int, default=1, help="images side by side (default 1)")
-    sample.add_argument("--upscale", type=int, default=8, help=f"nearest-neighbour enlargement of the PNG (default 8, at most {MAX_UPSCALE})")
+    sample.add_argument("--upscale", type=int, default=8,
+                        help=f"nearest-neighbour enlargement of the PNG (default 8, at most {MAX_UPSCALE})")
     sample.add_argument("--out", required=True, help="a .png file")
     sample.set_defaults(run=cmd_sample)
 

@@ -86,16 +86,19 @@ def course_command(profile: Profile) -> str:
     """The command line a card of the course records (its seed: the profile's training seed; its
     ``--set`` assignments: the profile's ``overrides``)."""
     seed = profile.ldm_train.seed
-    return (f"minildm course --profile {profile.name}" + (f" --seed {seed}" if seed else "")
-            + "".join(f" --set {shlex.quote(assignment)}" for assignment in profile.overrides))
+    return f"minildm course --profile {profile.name}" + (f" --seed {seed}" if seed else "") + _set_flags(profile.overrides)
+
+
+def _set_flags(assignments) -> str:
+    """`` --set A --set B`` for the assignments, each quoted for a shell."""
+    return "".join(f" --set {shlex.quote(assignment)}" for assignment in assignments)
 
 
 def _same_settings_as_before(out: Path, profile: Profile, seed: int) -> None:
     """A course directory holds one course: resuming it with another profile, seed or ``--set``
     would mix two."""
     def flags(settings: dict) -> str:
-        return (f"--profile {settings['profile']} --seed {settings['seed']}"
-                + "".join(f" --set {shlex.quote(assignment)}" for assignment in settings.get("set", [])))
+        return f"--profile {settings['profile']} --seed {settings['seed']}" + _set_flags(settings.get("set", []))
 
     wanted = {"profile": profile.name, "seed": seed, **({"set": list(profile.overrides)} if profile.overrides else {})}
     settings = out / "settings.json"
