@@ -211,27 +211,27 @@ def cmd_course(args) -> int:
     return 0
 
 
-def positive_int(text: str) -> int:
-    """argparse type: a whole number of at least 1."""
+def _whole_number(text: str, low: int, high: int | None = None) -> int:
+    """``text`` as a whole number from ``low`` (to ``high``), else argparse's one-line error."""
     try:
         value = int(text)
     except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+        value = None
+    if value is None or value < low or high is not None and value > high:
+        bounds = f"of at least {low}" if high is None else f"from {low} to {high}"
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number {bounds}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1."""
+    return _whole_number(text, 1)
 
 
 def seed(text: str) -> int:
     """argparse type: a seed, a whole number from 0 to 2**32 - 1 (numpy's generators refuse
     negative seeds, and the evaluations draw their scenes from numpy)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from 0 to {2**32 - 1}")
-    return value
+    return _whole_number(text, 0, 2**32 - 1)
 
 
 def build_parser() -> argparse.ArgumentParser:

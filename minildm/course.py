@@ -94,9 +94,9 @@ def _set_flags(assignments) -> str:
     return "".join(f" --set {shlex.quote(assignment)}" for assignment in assignments)
 
 
-def _same_settings_as_before(out: Path, profile: Profile, seed: int) -> None:
+def _same_settings_as_before(out: Path, profile: Profile, seed: int) -> dict:
     """A course directory holds one course: resuming it with another profile, seed or ``--set``
-    would mix two."""
+    would mix two. Returns the settings (``settings.json``), which also open ``metrics.json``."""
     def flags(settings: dict) -> str:
         return f"--profile {settings['profile']} --seed {settings['seed']}" + _set_flags(settings.get("set", []))
 
@@ -109,6 +109,7 @@ def _same_settings_as_before(out: Path, profile: Profile, seed: int) -> None:
                             f"or give {flags(wanted)} a new --out")
     else:
         settings.write_text(json.dumps(wanted) + "\n")
+    return wanted
 
 
 def upstream_runs(name: str, out: Path) -> dict[str, str]:
@@ -143,13 +144,12 @@ def run_course(profile: Profile, out: Path, progress: bool = True, log=print, la
     the reference runs drew) — another seed is another draw of the course."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _same_settings_as_before(out, profile, seed)
+    settings = _same_settings_as_before(out, profile, seed)
     profile = course_profile(profile, seed)
     note = precision_note(profile, machine_device_type())
     if note:
         log(note)
-    results = {"profile": profile.name, "seed": seed, **({"set": list(profile.overrides)} if profile.overrides else {}),
-               "stages": {}}
+    results = {**settings, "stages": {}}
     if lanes > 1:
         from minildm.course_lanes import run_lanes
 

@@ -13,9 +13,10 @@ student. Guidance is a wrapper with that same signature, so a sampler never know
     x_t′ = √ᾱ_t′·x̂₀ + √(1 − ᾱ_t′ − σ²)·ε̂ + σ·z
 
 η = 0 is deterministic; η = 1 is ancestral sampling. Timesteps for S steps out of T = 1000:
-"leading" (CompVis' "uniform": 981, 961, …, 1; with S = T, every t from 999 to 0) or "trailing" (999, 979, …, 19; Lin et al. 2024,
-which reaches the noisiest step), both uniform in t; or "karras", the step distribution of EDM
-(Karras et al. 2022, Eq. 5, ρ = 7; eDiff-I is built on EDM), uniform in σ^(1/ρ), which spends
+"leading" (CompVis' "uniform": 981, 961, …, 1; with S = T, every t from 999 to 0) or "trailing"
+(999, 979, …, 19; Lin et al. 2024, which reaches the noisiest step), both uniform in t; or
+"karras", the step distribution of EDM (Karras et al. 2022, Eq. 5, ρ = 7; eDiff-I is built on
+EDM), uniform in σ^(1/ρ), which spends
 most steps at low noise (:func:`karras_timesteps`). After the last step ᾱ_t′ is ᾱ_0, as in CompVis (diffusers:
 ``set_alpha_to_one=False``).
 

@@ -195,7 +195,8 @@ def _check_images(ds, spec: str) -> None:
     import datasets
     from PIL import Image
 
-    for row in ds.cast_column("image", datasets.Image(decode=False))["image"]:
+    for row in ds.cast_column("image", datasets.Image(decode=False)).select_columns(["image"]):  # row by row
+        row = row["image"]
         name = row.get("path") or "an image stored in the dataset"
         try:
             with Image.open(io.BytesIO(row["bytes"]) if row.get("bytes") else row["path"]) as image:
