@@ -154,6 +154,10 @@ class AddConfig:
     disc_t_range: tuple[int, int] = (0, 750)  # LADD's t̂ (the AMD re-implementation's range)
 
 
+# the precisions a run may ask for (TrainConfig.mixed_precision; what each means: minildm.precision)
+MIXED_PRECISIONS = ("no", "bf16", "fp16", "auto", "auto-native")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """One training run of any stage (``minildm.train``)."""
@@ -205,6 +209,8 @@ class TrainConfig:
         wrong += [f"seed must be from 0 to {2**32 - 1}"] if not 0 <= self.seed < 2**32 else []
         wrong += ["lr must be above 0"] if self.lr <= 0 else []
         wrong += ["ema_decay must be at least 0 and below 1"] if not 0 <= self.ema_decay < 1 else []
+        wrong += ([f"mixed_precision must be one of {', '.join(MIXED_PRECISIONS)}"]
+                  if self.mixed_precision not in MIXED_PRECISIONS else [])
         if wrong:
             raise ValueError("; ".join(wrong))
 

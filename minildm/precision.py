@@ -61,7 +61,6 @@ import torch
 
 AUTO = "auto"
 AUTO_NATIVE = "auto-native"
-MIXED_PRECISIONS = ("no", "bf16", "fp16", AUTO, AUTO_NATIVE)
 
 
 def _torch_cpu_probe(name: str) -> bool:

@@ -38,6 +38,7 @@ def test_an_unknown_setting_is_one_clear_error(assignment, message):
     ("ldm_train.lr=-1e-3", "lr must be above 0"),
     ("ldm_train.ema_decay=1", "ema_decay must be at least 0 and below 1"),
     ("ldm_train.seed=-1", "seed must be from 0 to 4294967295"),
+    ("ldm_train.mixed_precision=fp8", "mixed_precision must be one of no, bf16, fp16, auto, auto-native"),
 ])
 def test_a_value_of_the_wrong_type_or_range_is_one_clear_error(assignment, message):
     with pytest.raises(UserError, match=f"--set .*: {message}"):
