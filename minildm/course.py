@@ -49,7 +49,7 @@ ALSO_MEASURED = {
     "clip": ("probe_shape", "probe_colour", "probe_position"),
     "ldm": ("alignment", "fid", "colour_swaps"),
     "pixel": ("alignment", "colour_swaps"),
-    "experts": ("alignment", "base_alignment", "follow_b_late_karras"),
+    "experts": ("alignment", "base_alignment", "follow_b_late"),  # the late switch with steps uniform in t
     "paint": ("best_recipe", "best_weight", "placement_unpainted", "alignment", "alignment_unpainted"),
     "add": ("alignment_1step", "alignment_4step", "teacher_alignment", "teacher_ddim_4step_alignment"),
 }

@@ -196,7 +196,7 @@ def test_course_runs_the_built_stages_and_writes_a_report(tmp_path, capsys):
     assert report["profile"] == "smoke" and report["targets_met"][1] >= 8
     met, total = report["targets_met"]
     assert f"Targets met: {met} of {total}." in printed, "the course ends by printing its report's summary"
-    assert "follow_b_early" in report["stages"]["experts"]["targets"] and "placement" in report["stages"]["paint"]["targets"]
+    assert "follow_b_early_karras" in report["stages"]["experts"]["targets"] and "placement" in report["stages"]["paint"]["targets"]
     # trained from scratch: each stage on the course's own earlier runs
     ae_card = json.loads((tmp_path / "ae" / "card.json").read_text())
     assert ae_card["judge"] == str(tmp_path / "judge"), "the course's autoencoder learns on the course's judge"

@@ -76,7 +76,7 @@ def test_course_on_two_lanes_runs_jobs_side_by_side_and_resumes(tmp_path, capsys
     steps = get_profile("smoke").experts_train.steps
     assert experts_card["baseline"]["steps"] == steps * len(experts_card["tree"])
     assert experts_card["multi_embedding"]["steps"] == get_profile("smoke").extras.get("multi_embedding_steps", 4 * steps)
-    assert "follow_b_early" in report["stages"]["experts"]["targets"]
+    assert "follow_b_early_karras" in report["stages"]["experts"]["targets"]
     add_card = json.loads((tmp_path / "add" / "card.json").read_text())
     assert add_card["teacher"] == str(tmp_path / "ldm")
     # --seed 3 reached every job's process: another draw of the whole course

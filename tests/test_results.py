@@ -12,7 +12,8 @@ def _figures(**overrides):
     figures = {
         "ldm": {"images_per_second": 12.0, "fid": 400.0, "alignment": 0.6, "alignment_two_object": 0.7},
         "pixel": {"images_per_second": 2.0, "fid": 800.0, "alignment": 0.2},
-        "experts": {"follow_b_early": 0.9, "follow_b_late": 0.05, "follow_b_late_karras": 0.02, "alignment_gain": 0.01,
+        "experts": {"follow_b_early": 0.9, "follow_b_late": 0.05, "follow_b_early_karras": 0.95,
+                    "follow_b_late_karras": 0.02, "alignment_gain": 0.01,
                     "prompt_switch": {"0.0": 1.0, "0.5": 0.6, "0.9": 0.04, "1.0": 0.0},
                     "embeddings": {"background_distance_reference": 0.09, "background_distance_text": 0.12},
                     "interval_loss": {"loss": {"low": {"experts": 0.24, "baseline": 0.25},
@@ -45,7 +46,9 @@ def test_every_claim_gets_its_number_and_verdict():
 
 def test_targets_are_the_stages_own():
     rows = {r["claim"]: r for r in results.claims_table(_figures())}
-    assert rows["… and is ignored late"]["target"] == "<= {:g}".format(experts.TARGETS["follow_b_late"][1])
+    assert rows["… and is ignored late"]["target"] == "<= {:g}".format(experts.TARGETS["follow_b_late_karras"][1])
+    assert rows["text matters early in sampling …"]["target"] == ">= {:g}".format(
+        experts.TARGETS["follow_b_early_karras"][1])
     assert rows["and much faster"]["target"] == ">= {:g}".format(add.TARGETS["speedup_1step"][1])
     assert rows["paint-with-words places objects without training"]["target"] == ">= {:g}".format(paint.TARGETS["placement"][1])
     two = "cross-attention makes text a condition: objects, colours, counts, relations"
@@ -55,9 +58,15 @@ def test_targets_are_the_stages_own():
 def test_a_verdict_follows_the_number():
     slow = results.claims_table(_figures(add__speedup_1step=3.0))
     assert _row(slow, "and much faster")["met"] is False
-    late = results.claims_table(_figures(experts__follow_b_late=0.5))
+    late = results.claims_table(_figures(experts__follow_b_late_karras=0.5))
     assert _row(late, "… and is ignored late")["met"] is False
+    assert _row(late, "… with the steps uniform in t")["met"] is True  # 0.05: each row reads its own curve
+    uniform = results.claims_table(_figures(experts__follow_b_late=0.5))
+    assert _row(uniform, "… with the steps uniform in t")["met"] is False
+    assert _row(uniform, "… and is ignored late")["met"] is True
     assert _row(late, "… at the paper's granularity")["ours"] == pytest.approx(0.04)
+    early = results.claims_table(_figures(experts__follow_b_early_karras=0.5))
+    assert _row(early, "text matters early in sampling …")["met"] is False
     style = "a reference image's embedding carries its style into a new caption"
     assert _row(results.claims_table(_figures()), style)["ours"] == pytest.approx(0.75)
     assert _row(results.claims_table(_figures()), style)["met"] is True
