@@ -55,6 +55,33 @@ ALSO_MEASURED = {
 }
 
 
+# what each stage's target measures, in words, for the report's table (its key is the stage's
+# TARGETS key, the metric's name in `minildm eval --json`); a test checks every target has words
+TARGET_WORDS = {
+    "judge": {"attribute_accuracy": "each object's cell, shape, colour and size read right on held-out renders",
+              "alignment_true": "renders read as following their own captions",
+              "alignment_mismatched": "renders read as following another scene's caption (near chance)"},
+    "ae": {"psnr": "reconstruction PSNR in dB",
+           "judge_alignment_gap": "judge alignment lost by reconstructing the renders"},
+    "clip": {"text_to_image_top1": "retrieval: the right image first for a caption",
+             "image_to_text_top1": "retrieval: the right caption first for an image"},
+    "ldm": {"alignment_single_object": "one-object prompts followed",
+            "alignment_two_object": "two-object prompts followed (the hardest binding)"},
+    "experts": {"follow_b_early_karras": "images following prompt B when A→B switches in the first 30% of "
+                                         "the steps (spaced as EDM's sampler)",
+                "follow_b_late_karras": "the same when it switches in the last 30% of those steps",
+                "alignment_gain": "alignment, experts minus one model fine-tuned for the same steps"},
+    "paint": {"placement": "two-object prompts with both objects in their painted cells",
+              "alignment_drop": "alignment, unpainted minus painted"},
+    "add": {"alignment_ratio_1step": "alignment, student 1 step over teacher 50 guided steps",
+            "fid_ratio_1step": "fid, student 1 step over teacher 50 guided steps",
+            "speedup_1step": "seconds to a decoded batch, teacher 50 guided steps over student 1 step",
+            "alignment_4step_minus_1step": "alignment, student 4 steps minus 1 step",
+            "alignment_1step_minus_teacher_ddim_1step": "alignment, student 1 step minus teacher forced to 1 DDIM step",
+            "alignment_4step_minus_teacher_ddim_4step": "alignment, student 4 steps minus teacher's 4 DDIM steps"},
+}
+
+
 def precision_note(profile: Profile, device_type: str) -> str | None:
     """One line for a ``cpu`` course about to train its LDM in fp32 (``mixed_precision="auto"`` on
     a CPU where bf16 is not faster, :mod:`minildm.precision`), or None: the course's times in the
@@ -322,9 +349,11 @@ def report_markdown(results: dict, out: Path) -> str:
         if result["builds_on"]:
             lines.append("Builds on: " + ", ".join(f"{part} `{path}`" for part, path in result["builds_on"].items()) + ".")
         if result["targets"]:
-            lines += ["", "| metric | value | target | met |", "|---|---|---|---|"]
+            lines += ["", "| metric | what it measures | value | target | met |", "|---|---|---|---|---|"]
             for metric, check in result["targets"].items():
-                lines.append(f"| {metric} | {_target_value(check)} | {check['target']} | {'yes' if check['met'] else 'no'} |")
+                words = TARGET_WORDS.get(name, {}).get(metric, "")
+                lines.append(f"| {metric} | {words} | {_target_value(check)} | {check['target']} | "
+                             f"{'yes' if check['met'] else 'no'} |")
         else:
             lines += ["", "No targets of its own."]
         also = [f"{key} {_figure(result['metrics'][key])}" for key in ALSO_MEASURED.get(name, ())

@@ -217,7 +217,8 @@ def test_the_report_shows_each_stage_figures_beside_its_targets(tmp_path):
     results = {"profile": "cpu", "wall_time_s": 7.0, "targets_met": [2, 2],
                "stages": {"ldm": ldm, "pixel": pixel, "paint": paint}}
     sections = {part.split("\n")[0]: part for part in report_markdown(results, tmp_path).split("## ")[1:]}
-    assert "| alignment_two_object | 0.5500 | >= 0.5 | yes |" in sections["ldm"]
+    assert ("| alignment_two_object | two-object prompts followed (the hardest binding) | 0.5500 | >= 0.5 | yes |"
+            in sections["ldm"]), "each target with what it measures, in words"
     assert "Also measured: alignment 0.61, fid 476.1, colour_swaps 0.1." in sections["ldm"]
     assert "| metric |" not in sections["pixel"] and "No targets of its own." in sections["pixel"]
     assert "alignment 0.2," in sections["pixel"] and "fid" not in sections["pixel"], \
@@ -225,6 +226,14 @@ def test_the_report_shows_each_stage_figures_beside_its_targets(tmp_path):
     assert "best_recipe full+carry, best_weight 0.5" in sections["paint"]
     assert "Its time budget (pixel_train.max_train_seconds) stopped it" in sections["pixel"]
     assert "time budget" not in sections["ldm"]
+
+
+def test_every_target_of_every_stage_has_words_in_the_report():
+    from minildm.course import BUILT, TARGET_WORDS, stage_module
+
+    for name in BUILT:
+        targets = getattr(stage_module(name, BUILT), "TARGETS", {})
+        assert set(TARGET_WORDS.get(name, {})) == set(targets), name
 
 
 def test_the_report_opens_with_the_wall_clock_and_the_targets_missed(tmp_path):
