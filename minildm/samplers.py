@@ -16,9 +16,8 @@ student. Guidance is a wrapper with that same signature, so a sampler never know
 "leading" (CompVis' "uniform": 981, 961, …, 1; with S = T, every t from 999 to 0) or "trailing"
 (999, 979, …, 19; Lin et al. 2024, which reaches the noisiest step), both uniform in t; or
 "karras", the step distribution of EDM (Karras et al. 2022, Eq. 5, ρ = 7; eDiff-I is built on
-EDM), uniform in σ^(1/ρ), which spends
-most steps at low noise (:func:`karras_timesteps`). After the last step ᾱ_t′ is ᾱ_0, as in CompVis (diffusers:
-``set_alpha_to_one=False``).
+EDM), uniform in σ^(1/ρ), which spends most steps at low noise (:func:`karras_timesteps`). After
+the last step ᾱ_t′ is ᾱ_0, as in CompVis (diffusers: ``set_alpha_to_one=False``).
 
 **DDPM** (Ho et al. 2020, Alg. 2), on the same strided timesteps: the posterior
 q(x_t′ | x_t, x̂₀) with β′ = 1 − ᾱ_t/ᾱ_t′ ("fixed small" variance), no noise at the last step.
